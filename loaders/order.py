@@ -1,0 +1,54 @@
+"""Sample order as a pure function of (seed, epoch, rank): what makes sharding and exact resume correct.
+
+Nothing here keeps state. A loader that knows (epoch, batch index) can recompute the exact samples
+it would have produced, which is all that resume needs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def train_batches_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Full batches each rank gets per epoch (the short tail is dropped, as in timm's train loader)."""
+    return (num_samples // world_size) // batch_size
+
+
+def train_order(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """The sample indices rank `rank` trains on in `epoch`, in order, a whole number of batches long.
+
+    One global permutation per (seed, epoch), dealt round-robin to ranks: every rank sees a disjoint
+    slice, and all ranks run the same number of steps (no DDP hang on an uneven tail).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of {world_size}")
+    perm = np.random.default_rng([seed, epoch, 0x0D3E]).permutation(num_samples)
+    per_rank = num_samples // world_size
+    mine = perm[: per_rank * world_size][rank::world_size]
+    batches = per_rank // batch_size
+    return mine[: batches * batch_size]
+
+
+def eval_batches(num_samples: int, world_size: int, batch_size: int) -> int:
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+
+
+def eval_order(num_samples: int, *, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """Rank's share of the eval set, padded with -1 to a whole number of batches shared by all ranks.
+
+    -1 marks padding: the metrics drop it, so every sample is counted exactly once across ranks.
+    """
+    mine = np.arange(rank, num_samples, world_size, dtype=np.int64)
+    total = eval_batches(num_samples, world_size, batch_size) * batch_size
+    return np.concatenate([mine, np.full(total - len(mine), -1, dtype=np.int64)])
+
+
+def augment_uniforms(num_samples: int, *, seed: int, epoch: int, count: int) -> np.ndarray:
+    """`count` uniforms in [0, 1) per sample for `epoch`: the randomness of crops and flips.
+
+    Keyed by sample index, not by rank or position, so a sample gets the same crop in a given
+    epoch whatever the number of processes and whether or not the run was resumed.
+    """
+    return np.random.default_rng([seed, epoch, 0xA06]).random((num_samples, count), dtype=np.float32)

@@ -1,0 +1,157 @@
+"""Checkpoints: TrainState, atomic save through accelerate, newest-complete lookup, keep last + best k.
+
+Layout: <run>/<phase>/checkpoints/step_<global step>/ holds what `Accelerator.save_state` writes
+(model, optimizer, RNG states per process, and our registered parts) plus `trainer_state.json`,
+written last. The folder is built as `.tmp-step_<n>` and renamed when complete, so a checkpoint
+folder without the `.tmp-` prefix is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class TrainState:
+    """Where training is: phase, epoch and batch of the next step, updates done, best scores."""
+
+    phase_index: int = 0
+    phase_name: str = ""
+    epoch: int = 0  # the epoch in progress (or next to start)
+    batch: int = 0  # batches of `epoch` already trained on
+    step: int = 0  # optimizer updates done in this phase
+    total_step: int = 0  # optimizer updates across all phases (the W&B step)
+    best_top1: float = -1.0
+    best_source: str = ""  # "model" or "ema"
+    best_epoch: int = -1
+    last_val: dict[str, float] = field(default_factory=dict)
+    epoch_loss_sum: float = 0.0  # summed train loss of `epoch` up to `batch`, all processes
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def position(self) -> tuple[int, int, int]:
+        return (self.phase_index, self.epoch, self.batch)
+
+
+class Resumable:
+    """The parts `save_state` does not know: registered once with `register_for_checkpointing`.
+
+    accelerate keeps registered objects for the Accelerator's life, but each phase has its own EMA
+    and loader; this holder points at the current ones, so one registration serves every phase.
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.parts) - set(state)
+        if missing:
+            raise ValueError(f"checkpoint lacks {sorted(missing)}; it was written by a different recipe")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_state(checkpoint_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_top1: float | None, keep_best_k: int) -> Path:
+    """Write a complete checkpoint or none: every process writes its part into a temporary folder,
+    then the main process adds trainer_state.json and renames the folder into place."""
+    checkpoints_dir = Path(checkpoints_dir)
+    final = checkpoints_dir / checkpoint_name(state.total_step)
+    tmp = checkpoints_dir / (TMP_PREFIX + final.name)
+    if accelerator.is_main_process:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-write
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record = {**state.state_dict(), "val_top1": val_top1}
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(record, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        for path in tmp.iterdir():  # the model and optimizer files were written by accelerate without fsync
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # same step saved twice (epoch end on a checkpoint_every_steps boundary)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoints_dir)
+        prune(checkpoints_dir, keep_best_k)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    if not Path(checkpoints_dir).is_dir():
+        return []
+    return sorted(
+        p for p in Path(checkpoints_dir).iterdir()
+        if p.is_dir() and not p.name.startswith(TMP_PREFIX) and (p / STATE_FILE).is_file()
+    )
+
+
+def prune(checkpoints_dir: Path, keep_best_k: int) -> list[Path]:
+    """Keep the newest checkpoint and the `keep_best_k` best by val top-1; remove the rest."""
+    found = [(p, read_state(p)) for p in complete_checkpoints(checkpoints_dir)]
+    if not found:
+        return []
+    newest = max(found, key=lambda item: item[1]["total_step"])[0]
+    scored = [item for item in found if item[1].get("val_top1") is not None]
+    scored.sort(key=lambda item: (item[1]["val_top1"], item[1]["total_step"]), reverse=True)
+    keep = {newest} | {p for p, _ in scored[:keep_best_k]}
+    removed = []
+    for path, _ in found:
+        if path not in keep:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most advanced complete checkpoint of any phase of the run, or None."""
+    best: tuple[tuple[int, int], Path] | None = None
+    for phase_dir in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        for ckpt in complete_checkpoints(phase_dir / "checkpoints"):
+            state = read_state(ckpt)
+            key = (state["phase_index"], state["total_step"])
+            if best is None or key > best[0]:
+                best = (key, ckpt)
+    return best[1] if best else None
+
+
+def best_checkpoint(checkpoints_dir: Path) -> Path | None:
+    scored = [(read_state(p), p) for p in complete_checkpoints(checkpoints_dir)]
+    scored = [(s["val_top1"], s["total_step"], p) for s, p in scored if s.get("val_top1") is not None]
+    return max(scored)[2] if scored else None

@@ -1,0 +1,266 @@
+"""The training loop: one phase, top to bottom. Model, optimizer, schedule, EMA, eval, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from tqdm.auto import tqdm
+
+from loaders.dali import EvalLoader, TrainAugment, TrainLoader
+from loaders.sources import ImageFolderSource
+from trainer.checkpoint import Resumable, TrainState, save_checkpoint
+from trainer.metrics import evaluate
+from trainer.recipe import Phase, Recipe
+from trainer.tracking import RunLog
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 on a CUDA GPU that supports it, fp32 otherwise (bf16 on this CPU is 11-15x slower)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Splits:
+    train: ImageFolderSource
+    val: ImageFolderSource
+
+
+def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, accelerator) -> tuple[TrainLoader, EvalLoader]:
+    """This process's train and eval loaders for `phase` (DALI; GPU decoding when there is a GPU)."""
+    device = accelerator.device
+    world = accelerator.num_processes
+    loader_args = dict(
+        decode_device=recipe.data.decode_device,
+        device_id=device.index if device.type == "cuda" else None,
+        num_threads=recipe.data.loader_threads,
+        channels_last=recipe.model.channels_last,
+    )
+    loader = TrainLoader(
+        data.train,
+        batch_size=phase.batch_size_per_device,
+        seed=recipe.seed * 1000 + phase_index,
+        rank=accelerator.process_index,  # global rank, not local: correct across nodes
+        world_size=world,
+        res_px_for_epoch=lambda epoch: phase.res_px,
+        augment=TrainAugment(
+            crop_scale=phase.crop_scale,
+            crop_ratio=phase.crop_ratio,
+            hflip_prob=phase.hflip_prob,
+            mean=recipe.data.mean,
+            std=recipe.data.std,
+        ),
+        batch_multiple=phase.grad_accum_steps,
+        **loader_args,
+    )
+    val_loader = EvalLoader(
+        data.val,
+        batch_size=phase.batch_size_per_device,
+        rank=accelerator.process_index,
+        world_size=world,
+        res_px=phase.eval_res_px,
+        crop_fraction=phase.eval_crop_fraction,
+        mean=recipe.data.mean,
+        std=recipe.data.std,
+        **loader_args,
+    )
+    return loader, val_loader
+
+
+def train_phase(
+    accelerator,
+    recipe: Recipe,
+    phase_index: int,
+    model: torch.nn.Module,
+    data: Splits,
+    run_dir: Path,
+    state: TrainState,
+    resumable: Resumable,
+    log: RunLog,
+    resume_from: Path | None = None,
+    make_loaders: Callable | None = None,
+) -> TrainState:
+    phase: Phase = recipe.phases[phase_index]
+    device = accelerator.device
+    world = accelerator.num_processes
+    precision = resolve_precision(phase.precision, device)
+    global_batch = phase.batch_size_per_device * world * phase.grad_accum_steps
+    lr = phase.lr_per_256 * global_batch / 256
+    set_seed(recipe.seed + phase_index)  # dropout / drop-path draws; restored exactly on resume
+
+    if make_loaders is not None:  # a seam for benchmarks: any loader with TrainLoader's interface
+        loader, val_loader = make_loaders(phase, accelerator)
+    else:
+        loader, val_loader = build_loaders(recipe, phase, phase_index, data, accelerator)
+    updates_per_epoch = loader.batches_per_epoch // phase.grad_accum_steps
+
+    if recipe.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)
+    # timm's factory: no weight decay on norms and biases (filter_bias_and_bn).
+    optimizer = create_optimizer_v2(
+        model, opt=phase.optimizer, lr=lr, weight_decay=phase.weight_decay, momentum=phase.momentum
+    )
+    # Stepped per update, so the LR is a pure function of the update count.
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=phase.schedule,
+        num_epochs=phase.epochs,
+        decay_epochs=phase.decay_epochs,
+        decay_rate=phase.decay_rate,
+        warmup_epochs=phase.warmup_epochs,
+        warmup_lr=lr * 0.01,
+        min_lr=lr * phase.min_lr_ratio,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    ema = ModelEmaV3(model, decay=phase.ema_decay, use_warmup=phase.ema_warmup) if phase.ema_decay > 0 else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    resumable.parts = {"train_state": state, "loader": loader}
+    if ema is not None:
+        resumable.parts["ema"] = ema
+    if resume_from is not None:
+        # Everything: weights, optimizer, RNGs, EMA, TrainState, loader position.
+        accelerator.load_state(str(resume_from))
+    else:
+        state.phase_index, state.phase_name = phase_index, phase.name
+        state.epoch = state.batch = state.step = 0
+        state.best_top1, state.best_source, state.best_epoch = -1.0, "", -1
+        state.epoch_loss_sum = 0.0
+    scheduler.step_update(state.step)
+
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=phase.label_smoothing)
+    autocast = autocast_for(precision, device)
+    checkpoints_dir = run_dir / phase.name / "checkpoints"
+    accum = phase.grad_accum_steps
+
+    def checkpoint(val_top1: float | None) -> None:
+        # Fold the epoch's running loss into the saved state, on every run alike, so a resumed run
+        # adds up its losses in the same order as one that never stopped.
+        total = accelerator.reduce(loss_sum.clone(), reduction="sum")
+        loss_sum.zero_()
+        if accelerator.is_main_process:
+            loss_sum.add_(total)
+        state.epoch_loss_sum = float(total)
+        save_checkpoint(accelerator, checkpoints_dir, state, val_top1, phase.keep_best_k)
+
+    for epoch in range(state.epoch, phase.epochs):
+        model.train()
+        # The epoch's summed loss so far: from the checkpoint on the main process, zero elsewhere.
+        loss_sum = torch.tensor(state.epoch_loss_sum if accelerator.is_main_process else 0.0, dtype=torch.float64, device=device)
+        images_seen = 0
+        started = time.perf_counter()
+        bar = tqdm(
+            total=loader.batches_per_epoch,
+            initial=loader.batch if loader.epoch == epoch else 0,
+            desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+            unit="batch",
+            disable=not (accelerator.is_main_process and recipe.logging.progress_bar),
+            mininterval=1.0,
+        )
+        for images, labels in loader.epoch_batches(epoch):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            update_now = loader.batch % accum == 0
+            # Only the last micro-batch of an accumulation group all-reduces gradients.
+            with contextlib.nullcontext() if update_now else accelerator.no_sync(model):
+                with autocast:
+                    logits = model(images)
+                    loss = criterion(logits, labels)
+                accelerator.backward(loss / accum)
+            loss_sum += loss.detach().double() * labels.shape[0]
+            images_seen += labels.shape[0] * world
+            bar.update(1)
+            if not update_now:
+                continue
+            if phase.clip_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), phase.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.total_step += 1
+            state.batch = loader.batch
+            scheduler.step_update(state.step)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=state.step)
+
+            if state.step % recipe.logging.log_every_steps == 0:
+                loss_value = loss.item()  # a sync point: only every log_every_steps
+                elapsed = time.perf_counter() - started
+                lr_now = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images_seen / max(elapsed, 1e-9):.0f}")
+                record = {"phase": phase.name, "epoch": epoch, "step": state.step, "total_step": state.total_step, "loss": loss_value, "lr": lr_now}
+                log.step(record)
+                accelerator.log({"train/loss": loss_value, "train/lr": lr_now, "epoch": epoch + loader.batch / loader.batches_per_epoch}, step=state.total_step)
+            if phase.checkpoint_every_steps and state.step % phase.checkpoint_every_steps == 0 and loader.batch < loader.batches_per_epoch:
+                checkpoint(None)
+        bar.close()
+        train_seconds = time.perf_counter() - started
+
+        # Epoch end: evaluate model and EMA, record, checkpoint.
+        state.epoch, state.batch = epoch + 1, 0
+        train_loss = float(accelerator.reduce(loss_sum.clone(), reduction="sum")) / (loader.batches_per_epoch * phase.batch_size_per_device * world)
+        val = evaluate(model, val_loader, accelerator, autocast)
+        ema_val = evaluate(ema.module, val_loader, accelerator, autocast) if ema is not None else None
+        for source, scores in (("model", val), ("ema", ema_val)):
+            if scores is not None and scores["top1"] > state.best_top1:
+                state.best_top1, state.best_source, state.best_epoch = scores["top1"], source, epoch
+        record = {
+            "phase_index": phase_index,
+            "phase": phase.name,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "val_samples": val["samples"],
+            "ema_val_top1": ema_val["top1"] if ema_val else None,
+            "ema_val_top5": ema_val["top5"] if ema_val else None,
+            "lr": optimizer.param_groups[0]["lr"],
+            "res_px": loader.res_px(epoch),
+            "images_per_s": images_seen / max(train_seconds, 1e-9),
+            "total_step": state.total_step,
+        }
+        state.last_val = {"top1": val["top1"], "top5": val["top5"]}
+        log.epoch(record)
+        scalars = {
+            "train/epoch_loss": train_loss,
+            "train/images_per_s": record["images_per_s"],
+            "val/loss": val["loss"],
+            "val/top1": val["top1"],
+            "val/top5": val["top5"],
+            "epoch": epoch + 1,
+        }
+        if ema_val:
+            scalars.update({"ema_val/top1": ema_val["top1"], "ema_val/top5": ema_val["top5"]})
+        accelerator.log(scalars, step=state.total_step)
+        accelerator.print(
+            f"[{phase.name} {epoch + 1}/{phase.epochs}] train_loss {train_loss:.4f}  val_top1 {val['top1']:.4f}"
+            + (f"  ema_val_top1 {ema_val['top1']:.4f}" if ema_val else "")
+            + f"  {record['images_per_s']:.0f} img/s"
+        )
+        loss_sum.zero_()
+        state.epoch_loss_sum = 0.0
+        best_of_epoch = max(val["top1"], ema_val["top1"] if ema_val else -math.inf)
+        checkpoint(best_of_epoch)
+
+    accelerator.free_memory()
+    return state

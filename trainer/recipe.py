@@ -1,0 +1,243 @@
+"""Recipes: frozen dataclasses describing a training run, and `--set key=value` overrides checked against them."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("auto", "fp32", "bf16")
+DECODE_DEVICES = ("auto", "cpu", "mixed")
+
+
+class RecipeError(ValueError):
+    """A recipe or an override is wrong; the message names the key and what would be valid."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise RecipeError(message)
+
+
+@dataclass(frozen=True)
+class Model:
+    arch: str = "resnet50"  # any timm.create_model name
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth
+    channels_last: bool = False  # NHWC memory format: faster convolutions on GPUs with tensor cores
+
+    def __post_init__(self) -> None:
+        _check(bool(self.arch), "model.arch must name a timm model, e.g. resnet50")
+        _check(0.0 <= self.drop_rate < 1.0, f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+        _check(0.0 <= self.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+@dataclass(frozen=True)
+class Data:
+    path: str = ""  # an ImageFolder (root/train + root/val, or one folder split below); "builtin:digits"
+    val_fraction: float = 0.2  # used only when there is no val/ folder: seeded stratified split
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    decode_device: str = "auto"  # "mixed" = nvJPEG on the GPU; "auto" picks it when CUDA is there
+    loader_threads: int = 2  # DALI CPU worker threads per process
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(self.decode_device in DECODE_DEVICES, f"data.decode_device must be one of {DECODE_DEVICES}, got {self.decode_device!r}")
+        _check(self.loader_threads >= 1, f"data.loader_threads must be >= 1, got {self.loader_threads}")
+        _check(all(s > 0 for s in self.std), f"data.std must be positive, got {self.std}")
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str = "main"
+    epochs: int = 10
+    batch_size_per_device: int = 64
+    optimizer: str = "adamw"  # timm.optim.create_optimizer_v2 name: sgd, adamw, lamb, lion, ...
+    lr_per_256: float = 1e-3  # peak LR for 256 images; scaled by the global batch (Goyal et al.)
+    momentum: float = 0.9  # for SGD-like optimizers
+    weight_decay: float = 0.05  # not applied to norms and biases
+    schedule: str = "cosine"  # timm.scheduler.create_scheduler_v2 name: cosine, step, tanh, poly, ...
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.01  # final LR as a fraction of the peak
+    decay_epochs: float = 30.0  # step schedule: epochs between decays
+    decay_rate: float = 0.1  # step schedule: factor at each decay
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # 0 turns EMA off; 0.9998 is timm's ImageNet default
+    ema_warmup: bool = False  # timm's EMA warmup: decay ramps up from 0 (helps short runs)
+    res_px: int = 224  # train crop size
+    eval_res_px: int = 224
+    eval_crop_fraction: float = 0.875  # resize shorter side to eval_res_px / this, then centre-crop
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)  # random-resized-crop aspect range
+    hflip_prob: float = 0.5
+    precision: str = "auto"  # auto = bf16 on a CUDA GPU that has it, fp32 on CPU (bf16 is 11-15x slower here)
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 0.0  # 0 turns clipping off
+    checkpoint_every_steps: int = 0  # 0 = only at each epoch end
+    keep_best_k: int = 1  # besides the newest checkpoint, keep the k best by val top-1 (model or EMA)
+
+    def __post_init__(self) -> None:
+        p = f"phase {self.name!r}"
+        _check(bool(self.name) and "/" not in self.name, f"{p}: name must be a non-empty folder name")
+        _check(self.epochs >= 1, f"{p}: epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size_per_device >= 1, f"{p}: batch_size_per_device must be >= 1, got {self.batch_size_per_device}")
+        _check(self.lr_per_256 > 0, f"{p}: lr_per_256 must be positive, got {self.lr_per_256}")
+        _check(self.weight_decay >= 0, f"{p}: weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_epochs >= 0, f"{p}: warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(0 <= self.min_lr_ratio <= 1, f"{p}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(0 <= self.label_smoothing < 1, f"{p}: label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(0 <= self.ema_decay < 1, f"{p}: ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(self.res_px >= 8 and self.eval_res_px >= 8, f"{p}: res_px and eval_res_px must be >= 8")
+        _check(0 < self.eval_crop_fraction <= 1, f"{p}: eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+        _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"{p}: crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        _check(0 < self.crop_ratio[0] <= self.crop_ratio[1], f"{p}: crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+        _check(0 <= self.hflip_prob <= 1, f"{p}: hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        _check(self.precision in PRECISIONS, f"{p}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.grad_accum_steps >= 1, f"{p}: grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        _check(self.clip_grad_norm >= 0, f"{p}: clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+        _check(self.checkpoint_every_steps >= 0, f"{p}: checkpoint_every_steps must be >= 0")
+        _check(self.keep_best_k >= 0, f"{p}: keep_best_k must be >= 0, got {self.keep_best_k}")
+
+
+@dataclass(frozen=True)
+class Logging:
+    project: str = "imgcls"  # W&B project
+    run_name: str = ""  # W&B run name and run folder name; default <recipe name>-<timestamp>
+    wandb: bool = True  # offline automatically when no W&B credentials are found
+    log_every_steps: int = 10  # per-step loss/LR to W&B and steps.jsonl
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.log_every_steps >= 1, f"logging.log_every_steps must be >= 1, got {self.log_every_steps}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    phases: tuple[Phase, ...]
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    seed: int = 0
+    logging: Logging = field(default_factory=Logging)
+    runs_root: str = "runs"  # run folders go to <runs_root>/<run_name>
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "recipe name must be a non-empty folder name")
+        _check(len(self.phases) >= 1, "a recipe needs at least one phase")
+        names = [p.name for p in self.phases]
+        _check(len(set(names)) == len(names), f"phase names must be unique, got {names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# -- overrides -------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_scalar(text: str, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(typ) if a is not type(None)]
+        if text.strip().lower() in ("none", "null"):
+            return None
+        return _parse_scalar(text, options[0], key)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        parts = [s.strip() for s in text.strip().strip("()[]").split(",") if s.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_scalar(s, args[0], key) for s in parts)
+        if len(parts) != len(args):
+            raise RecipeError(f"{key} takes {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_scalar(s, a, key) for s, a in zip(parts, args))
+    text = text.strip()
+    if typ is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise RecipeError(f"{key} takes true or false, got {text!r}")
+    if typ is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise RecipeError(f"{key} takes an integer, got {text!r}") from None
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise RecipeError(f"{key} takes a number, got {text!r}") from None
+    if typ is str:
+        return text
+    raise RecipeError(f"{key} cannot be set from the command line")
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid keys: {', '.join(valid)}"
+
+
+def _set_path(node: Any, path: list[str], text: str, full_key: str) -> Any:
+    head, rest = path[0], path[1:]
+    if isinstance(node, tuple):  # phases: by index or by name
+        names = [getattr(p, "name", None) for p in node]
+        if head.lstrip("-").isdigit() and -len(node) <= int(head) < len(node):
+            index = int(head) % len(node)
+        elif head in names:
+            index = names.index(head)
+        else:
+            raise RecipeError(
+                f"unknown phase {head!r} in {full_key!r}; phases are indexes 0..{len(node) - 1} or names {names}"
+            )
+        if not rest:
+            raise RecipeError(f"{full_key!r} names a whole phase; set one of its fields, e.g. {full_key}.epochs=2")
+        items = list(node)
+        items[index] = _set_path(items[index], rest, text, full_key)
+        return tuple(items)
+    if not dataclasses.is_dataclass(node):
+        raise RecipeError(f"{full_key!r} goes below a plain value")
+    valid = [f.name for f in dataclasses.fields(node)]
+    if head not in valid:
+        where = full_key[: len(full_key) - len(".".join(path))].rstrip(".") or "the recipe"
+        raise RecipeError(f"unknown key {head!r} in {full_key!r} under {where}{_suggest(head, valid)}")
+    current = getattr(node, head)
+    if rest:
+        return dataclasses.replace(node, **{head: _set_path(current, rest, text, full_key)})
+    if dataclasses.is_dataclass(current) or (isinstance(current, tuple) and current and dataclasses.is_dataclass(current[0])):
+        sub = [f.name for f in dataclasses.fields(current if dataclasses.is_dataclass(current) else current[0])]
+        raise RecipeError(f"{full_key!r} is a section; set one of its keys: {', '.join(sub)}")
+    value = _parse_scalar(text, _field_types(type(node))[head], full_key)
+    return dataclasses.replace(node, **{head: value})
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """Apply `key=value` strings (`phases.0.epochs=2`, `phases.main.lr_per_256=0.5`, `model.arch=resnet18`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not key=value, e.g. --set phases.0.epochs=2")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise RecipeError(f"override {item!r} has no key")
+        try:
+            recipe = _set_path(recipe, key.split("."), text, key)
+        except RecipeError:
+            raise
+        except (TypeError, ValueError) as err:  # a value that __post_init__ or a type rejected
+            raise RecipeError(f"{key}={text}: {err}") from None
+    return recipe
