@@ -84,6 +84,30 @@ def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, 
     return loader, val_loader
 
 
+def build_optimizer(model: torch.nn.Module, phase: Phase, lr: float, updates_per_epoch: int):
+    """timm's optimizer (no weight decay on norms and biases) and its scheduler, stepped per update
+    so the LR is a pure function of the update count."""
+    optimizer = create_optimizer_v2(
+        model, opt=phase.optimizer, lr=lr, weight_decay=phase.weight_decay, momentum=phase.momentum
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=phase.schedule,
+        # Warmup first, then the schedule over the remaining epochs: the peak LR is reached at the
+        # end of warmup (timm's default starts the decay under the warmup instead).
+        num_epochs=phase.epochs - phase.warmup_epochs,
+        warmup_prefix=True,
+        decay_epochs=phase.decay_epochs,
+        decay_rate=phase.decay_rate,
+        warmup_epochs=phase.warmup_epochs,
+        warmup_lr=lr * 0.01,
+        min_lr=lr * phase.min_lr_ratio,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return optimizer, scheduler
+
+
 def train_phase(
     accelerator,
     recipe: Recipe,
@@ -114,23 +138,7 @@ def train_phase(
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
-    # timm's factory: no weight decay on norms and biases (filter_bias_and_bn).
-    optimizer = create_optimizer_v2(
-        model, opt=phase.optimizer, lr=lr, weight_decay=phase.weight_decay, momentum=phase.momentum
-    )
-    # Stepped per update, so the LR is a pure function of the update count.
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=phase.schedule,
-        num_epochs=phase.epochs,
-        decay_epochs=phase.decay_epochs,
-        decay_rate=phase.decay_rate,
-        warmup_epochs=phase.warmup_epochs,
-        warmup_lr=lr * 0.01,
-        min_lr=lr * phase.min_lr_ratio,
-        step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch,
-    )
+    optimizer, scheduler = build_optimizer(model, phase, lr, updates_per_epoch)
     ema = ModelEmaV3(model, decay=phase.ema_decay, use_warmup=phase.ema_warmup) if phase.ema_decay > 0 else None
     model, optimizer = accelerator.prepare(model, optimizer)
 

@@ -90,7 +90,7 @@ class Phase:
         _check(self.batch_size_per_device >= 1, f"{p}: batch_size_per_device must be >= 1, got {self.batch_size_per_device}")
         _check(self.lr_per_256 > 0, f"{p}: lr_per_256 must be positive, got {self.lr_per_256}")
         _check(self.weight_decay >= 0, f"{p}: weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.warmup_epochs >= 0, f"{p}: warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(0 <= self.warmup_epochs < self.epochs, f"{p}: warmup_epochs must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}")
         _check(0 <= self.min_lr_ratio <= 1, f"{p}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(0 <= self.label_smoothing < 1, f"{p}: label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(0 <= self.ema_decay < 1, f"{p}: ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -192,7 +192,8 @@ def _suggest(name: str, valid: list[str]) -> str:
     return f"{hint}; valid keys: {', '.join(valid)}"
 
 
-def _set_path(node: Any, path: list[str], text: str, full_key: str) -> Any:
+def _collect(node: Any, path: list[str], text: str, full_key: str, changes: dict) -> None:
+    """Check one override against the recipe's fields and parse its value into `changes` (a tree)."""
     head, rest = path[0], path[1:]
     if isinstance(node, tuple):  # phases: by index or by name
         names = [getattr(p, "name", None) for p in node]
@@ -206,9 +207,8 @@ def _set_path(node: Any, path: list[str], text: str, full_key: str) -> Any:
             )
         if not rest:
             raise RecipeError(f"{full_key!r} names a whole phase; set one of its fields, e.g. {full_key}.epochs=2")
-        items = list(node)
-        items[index] = _set_path(items[index], rest, text, full_key)
-        return tuple(items)
+        _collect(node[index], rest, text, full_key, changes.setdefault(index, {}))
+        return
     if not dataclasses.is_dataclass(node):
         raise RecipeError(f"{full_key!r} goes below a plain value")
     valid = [f.name for f in dataclasses.fields(node)]
@@ -217,16 +217,29 @@ def _set_path(node: Any, path: list[str], text: str, full_key: str) -> Any:
         raise RecipeError(f"unknown key {head!r} in {full_key!r} under {where}{_suggest(head, valid)}")
     current = getattr(node, head)
     if rest:
-        return dataclasses.replace(node, **{head: _set_path(current, rest, text, full_key)})
+        _collect(current, rest, text, full_key, changes.setdefault(head, {}))
+        return
     if dataclasses.is_dataclass(current) or (isinstance(current, tuple) and current and dataclasses.is_dataclass(current[0])):
         sub = [f.name for f in dataclasses.fields(current if dataclasses.is_dataclass(current) else current[0])]
         raise RecipeError(f"{full_key!r} is a section; set one of its keys: {', '.join(sub)}")
-    value = _parse_scalar(text, _field_types(type(node))[head], full_key)
-    return dataclasses.replace(node, **{head: value})
+    changes[head] = _parse_scalar(text, _field_types(type(node))[head], full_key)
+
+
+def _apply(node: Any, changes: dict) -> Any:
+    """Rebuild `node` with all its changes at once, so validation sees the final combination
+    (`epochs=1` together with `warmup_epochs=0` is fine even if `epochs=1` alone is not)."""
+    if isinstance(node, tuple):
+        return tuple(_apply(item, changes[i]) if i in changes else item for i, item in enumerate(node))
+    updates = {
+        name: _apply(getattr(node, name), value) if isinstance(value, dict) else value
+        for name, value in changes.items()
+    }
+    return dataclasses.replace(node, **updates)
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """Apply `key=value` strings (`phases.0.epochs=2`, `phases.main.lr_per_256=0.5`, `model.arch=resnet18`)."""
+    changes: dict = {}
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not key=value, e.g. --set phases.0.epochs=2")
@@ -234,10 +247,10 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         key = key.strip()
         if not key:
             raise RecipeError(f"override {item!r} has no key")
-        try:
-            recipe = _set_path(recipe, key.split("."), text, key)
-        except RecipeError:
-            raise
-        except (TypeError, ValueError) as err:  # a value that __post_init__ or a type rejected
-            raise RecipeError(f"{key}={text}: {err}") from None
-    return recipe
+        _collect(recipe, key.split("."), text, key, changes)
+    try:
+        return _apply(recipe, changes)
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as err:  # a value that a type rejected
+        raise RecipeError(f"{', '.join(overrides)}: {err}") from None

@@ -1,0 +1,185 @@
+"""Sources, sample order, and the real DALI CPU pipelines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image_folder
+from PIL import Image
+
+from loaders import order
+from loaders.dali import EvalLoader, TrainAugment, TrainLoader
+from loaders.sources import DataError, image_folder_splits, scan_image_folder, stratified_split
+
+
+def test_train_val_layout(tiny_imagenet):
+    train, val = image_folder_splits(tiny_imagenet)
+    assert len(train) == 96 and len(val) == 24
+    assert train.classes == val.classes == ("n01440764", "n01443537", "n01484850")
+    assert train.class_counts() == {"n01440764": 32, "n01443537": 32, "n01484850": 32}
+
+
+def test_single_folder_is_split_stratified_and_seeded(tmp_path):
+    root = write_image_folder(tmp_path, {"all": 10})
+    train, val = image_folder_splits(root / "all", val_fraction=0.2, seed=1)
+    assert val.class_counts() == {c: 2 for c in train.classes}
+    assert set(train.files).isdisjoint(val.files) and len(train) + len(val) == 30
+    again = image_folder_splits(root / "all", val_fraction=0.2, seed=1)[1]
+    other = image_folder_splits(root / "all", val_fraction=0.2, seed=2)[1]
+    assert again.files == val.files and other.files != val.files
+
+
+def test_stratified_split_proportions():
+    labels = np.repeat(np.arange(4), [100, 50, 10, 3])
+    train_idx, val_idx = stratified_split(labels, 0.2, seed=0)
+    assert np.bincount(labels[val_idx]).tolist() == [20, 10, 2, 1]
+    assert len(np.intersect1d(train_idx, val_idx)) == 0
+
+
+def test_empty_class_and_val_only_class_are_clear_errors(tmp_path):
+    root = write_image_folder(tmp_path, {"train": 2, "val": 1})
+    (root / "train" / "n09999999").mkdir()
+    with pytest.raises(DataError, match="empty class folders.*n09999999"):
+        scan_image_folder(root / "train")
+    (root / "train" / "n09999999").rmdir()
+    (root / "val" / "n08888888").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "n08888888" / "x.JPEG")
+    with pytest.raises(DataError, match="train does not have.*n08888888"):
+        image_folder_splits(root)
+
+
+def test_train_order_is_a_pure_function_sharded_by_rank():
+    args = dict(seed=3, epoch=5, world_size=2, batch_size=4)
+    a0, a1 = (order.train_order(103, rank=r, **args) for r in (0, 1))
+    assert np.array_equal(a0, order.train_order(103, rank=0, **args))
+    assert len(a0) == len(a1) == 48  # 51 per rank, 12 whole batches of 4
+    assert len(np.intersect1d(a0, a1)) == 0
+    assert not np.array_equal(a0, order.train_order(103, rank=0, **{**args, "epoch": 6}))
+    assert not np.array_equal(a0, order.train_order(103, rank=0, **{**args, "seed": 4}))
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(24, 2, 5), (7, 2, 4), (10, 3, 3), (1, 2, 8)])
+def test_eval_order_counts_every_sample_once(n, world, batch):
+    shards = [order.eval_order(n, rank=r, world_size=world, batch_size=batch) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) % batch == 0  # same batch count: no hang
+    real = np.concatenate([s[s >= 0] for s in shards])
+    assert sorted(real.tolist()) == list(range(n))
+
+
+def _loader(source, **kw) -> TrainLoader:
+    args = dict(batch_size=8, seed=11, res_px_for_epoch=lambda e: 32, decode_device="cpu", num_threads=1)
+    args.update(kw)
+    return TrainLoader(source, **args)
+
+
+def test_train_batches_shapes_labels_and_resolution_schedule(tiny_imagenet):
+    train, _ = image_folder_splits(tiny_imagenet)
+    loader = _loader(train, res_px_for_epoch=lambda e: 32 + 8 * e)
+    assert loader.batches_per_epoch == 12
+    for epoch in range(3):
+        batches = list(loader.epoch_batches(epoch))
+        assert len(batches) == 12
+        images, labels = batches[0]
+        assert images.shape == (8, 3, 32 + 8 * epoch, 32 + 8 * epoch) and images.dtype == torch.float32
+        assert labels.dtype == torch.int64
+        seen = torch.cat([b[1] for b in batches])
+        expected = train.labels[order.train_order(96, seed=11, epoch=epoch, rank=0, world_size=1, batch_size=8)]
+        assert seen.tolist() == expected.tolist()
+        # Normalised with ImageNet mean/std: values centre near 0, not in 0..255.
+        assert -3 < float(images.mean()) < 3 and float(images.abs().max()) < 5
+
+
+def test_resume_mid_epoch_gives_identical_pixels(tiny_imagenet):
+    train, _ = image_folder_splits(tiny_imagenet)
+    straight = _loader(train)
+    reference = [b for e in range(2) for b in straight.epoch_batches(e)]
+    resumed = _loader(train)
+    state = {"epoch": 0, "batch": 7, "seed": 11, "num_samples": 96, "world_size": 1}
+    resumed.load_state_dict(state)
+    tail = [b for e in range(2) for b in resumed.epoch_batches(e)]
+    assert len(tail) == len(reference) - 7
+    for (x, y), (rx, ry) in zip(tail, reference[7:]):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_position_in_state_dict_points_at_next_batch(tiny_imagenet):
+    train, _ = image_folder_splits(tiny_imagenet)
+    loader = _loader(train)
+    it = loader.epoch_batches(0)
+    next(it), next(it)
+    assert loader.state_dict()["batch"] == 2
+    with pytest.raises(ValueError, match="Resume with the same data and seed"):
+        _loader(train, seed=12).load_state_dict(loader.state_dict())
+
+
+def test_full_crop_and_forced_flip_match_a_flipped_resize(tmp_path):
+    """crop_scale (1,1), ratio (1,1) on square images is the whole image; hflip_prob 1 always flips."""
+    root = tmp_path / "sq"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.kron(rng.integers(0, 255, (8, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")  # lossless: decoders agree exactly
+    source = scan_image_folder(root)
+    aug = TrainAugment(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=1.0)
+    train = _loader(source, batch_size=8, augment=aug, res_px_for_epoch=lambda e: 64)
+    evaluate = EvalLoader(source, batch_size=8, res_px=64, crop_fraction=1.0, decode_device="cpu", num_threads=1)
+    (x, y), = list(train.epoch_batches(0))
+    (ex, ey), = list(evaluate)
+    ids = order.train_order(8, seed=11, epoch=0, rank=0, world_size=1, batch_size=8)
+    for row, sample in enumerate(ids):
+        assert torch.allclose(x[row], ex[sample].flip(-1), atol=1e-4)
+
+
+def test_eval_matches_a_pil_reference(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "a").mkdir()
+    for i in range(8):  # smooth images of varied shapes: resamplers agree on them
+        w, h = (int(v) for v in rng.integers(40, 120, size=2))
+        coarse = Image.fromarray(rng.integers(0, 255, (5, 5, 3)).astype(np.uint8))
+        coarse.resize((w, h), Image.BICUBIC).save(tmp_path / "a" / f"{i}.png")
+    val = scan_image_folder(tmp_path)
+    loader = EvalLoader(val, batch_size=8, res_px=32, crop_fraction=0.875, decode_device="cpu", num_threads=1)
+    images, labels = next(iter(loader))
+    assert labels.tolist() == [0] * 8
+    mean = np.array([0.485, 0.456, 0.406]) * 255
+    std = np.array([0.229, 0.224, 0.225]) * 255
+    for row in range(8):
+        pil = Image.open(val.files[row]).convert("RGB")
+        short = int(32 / 0.875)
+        w, h = pil.size
+        scale = short / min(w, h)
+        pil = pil.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
+        resized = np.asarray(pil, np.float32)
+        ours = images[row].permute(1, 2, 0).numpy()
+        # A centre offset of x.5 px rounds either way (DALI rounds half up, torchvision to even).
+        (dy, dx) = ((resized.shape[0] - 32) / 2, (resized.shape[1] - 32) / 2)
+        error = min(
+            np.abs(ours - (resized[t : t + 32, s : s + 32] - mean) / std).mean()
+            for t in {math.floor(dy), math.ceil(dy)}
+            for s in {math.floor(dx), math.ceil(dx)}
+        )
+        assert error < 0.05, f"image {row}: mean abs error {error:.3f} against PIL"
+        off_centre = np.abs(ours - (resized[:32, :32] - mean) / std).mean()
+        if dy >= 2 or dx >= 2:
+            assert error < 0.5 * off_centre
+
+
+def test_eval_loader_pads_with_minus_one_labels(tiny_imagenet):
+    _, val = image_folder_splits(tiny_imagenet)
+    shards = [
+        EvalLoader(val, batch_size=5, rank=r, world_size=2, res_px=32, decode_device="cpu", num_threads=1)
+        for r in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) == 3
+    labels = [torch.cat([y for _, y in s]) for s in shards]
+    real = torch.cat([y[y >= 0] for y in labels])
+    assert len(real) == 24
+    assert sorted(real.tolist()) == sorted(val.labels.tolist())
+    # Two passes give the same batches (the pipeline is reused across epochs).
+    again = torch.cat([y for _, y in shards[0]])
+    assert torch.equal(again, labels[0])

@@ -1,0 +1,99 @@
+"""Recipes and --set overrides: typed, validated, and wrong ones stop before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+
+import pytest
+from conftest import recipe_command
+
+from trainer.recipe import Phase, Recipe, RecipeError, apply_overrides
+
+RECIPE = Recipe(name="t", phases=(Phase(name="warm", epochs=3), Phase(name="full", epochs=5)))
+
+
+def test_recipe_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RECIPE.seed = 3
+
+
+def test_overrides_by_index_and_name_with_types():
+    r = apply_overrides(
+        RECIPE,
+        ["phases.0.epochs=2", "phases.full.lr_per_256=0.5", "model.arch=resnet18", "seed=7",
+         "phases.1.crop_scale=0.35,1.0", "model.channels_last=true", "data.mean=(0.5, 0.5, 0.5)"],
+    )
+    assert r.phases[0].epochs == 2 and r.phases[1].epochs == 5
+    assert r.phases[1].lr_per_256 == 0.5
+    assert r.model.arch == "resnet18" and r.seed == 7
+    assert r.phases[1].crop_scale == (0.35, 1.0)
+    assert r.model.channels_last is True
+    assert r.data.mean == (0.5, 0.5, 0.5)
+    assert RECIPE.phases[0].epochs == 3  # the original is untouched
+
+
+def test_unknown_key_names_valid_keys_and_a_suggestion():
+    with pytest.raises(RecipeError) as err:
+        apply_overrides(RECIPE, ["phases.0.epoch=2"])
+    message = str(err.value)
+    assert "'epoch'" in message and "did you mean 'epochs'" in message
+    assert "batch_size_per_device" in message and "lr_per_256" in message
+
+
+def test_unknown_top_level_key_and_unknown_phase():
+    with pytest.raises(RecipeError, match="valid keys: name, phases, model, data, seed, logging"):
+        apply_overrides(RECIPE, ["sed=1"])
+    with pytest.raises(RecipeError, match="unknown phase 'finetune'.*'warm', 'full'"):
+        apply_overrides(RECIPE, ["phases.finetune.epochs=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("phases.0.epochs=two", "takes an integer"),
+        ("phases.0.epochs=2.5", "takes an integer"),
+        ("phases.0.lr_per_256=fast", "takes a number"),
+        ("model.channels_last=maybe", "true or false"),
+        ("phases.0.crop_scale=0.5", "2 comma-separated values"),
+        ("phases.0.lr_per_256=-1", "lr_per_256 must be positive"),
+        ("phases.0.batch_size_per_device=0", "batch_size_per_device must be >= 1"),
+        ("phases.0.precision=fp8", "precision must be one of"),
+        ("phases.0=3", "names a whole phase"),
+        ("model=resnet", "is a section"),
+        ("epochs", "is not key=value"),
+    ],
+)
+def test_bad_values_are_recipe_errors(override, expected):
+    with pytest.raises(RecipeError, match=expected):
+        apply_overrides(RECIPE, [override])
+
+
+def test_cli_typo_stops_before_any_work(tmp_path, run_env):
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        recipe_command("quickstart.py", "--run-dir", str(run_dir), sets=["phases.0.epoch=2"]),
+        env=run_env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "error: unknown key 'epoch'" in done.stderr and "epochs" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not run_dir.exists()
+
+
+def test_cli_missing_data_folder_is_a_clear_error(tmp_path, run_env):
+    done = subprocess.run(
+        recipe_command("quickstart.py", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run")),
+        env=run_env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr and "--data" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_are_validated_together_not_one_by_one():
+    base = Recipe(name="t", phases=(Phase(epochs=10, warmup_epochs=2),))
+    r = apply_overrides(base, ["phases.0.epochs=1", "phases.0.warmup_epochs=0"])
+    assert (r.phases[0].epochs, r.phases[0].warmup_epochs) == (1, 0)
+    with pytest.raises(RecipeError, match="warmup_epochs must be >= 0 and below epochs"):
+        apply_overrides(base, ["phases.0.epochs=1"])

@@ -1,0 +1,84 @@
+"""A real short training run: history, checkpoints, the resolved recipe, and W&B offline files read back."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import wandb_files
+from conftest import FAST, REPO, run_recipe
+from safetensors.torch import load_file
+
+from trainer.checkpoint import STATE_FILE, read_state
+
+SETS = FAST + ["phases.0.epochs=3", "phases.0.checkpoint_every_steps=5", "phases.0.keep_best_k=1", "phases.0.ema_decay=0.9"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_imagenet, run_env):
+    run_dir = tmp_path_factory.mktemp("runs") / "short"
+    done = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=run_env, sets=SETS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir, done
+
+
+def test_prints_the_run_folder(short_run):
+    run_dir, done = short_run
+    assert f"run folder: {run_dir}" in done.stdout
+
+
+def test_history_has_one_line_per_epoch_with_the_metrics(short_run):
+    run_dir, _ = short_run
+    lines = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    for r in lines:
+        for key in ("phase", "epoch", "train_loss", "val_top1", "val_top5", "ema_val_top1", "lr", "images_per_s"):
+            assert r[key] is not None, key
+        assert r["val_samples"] == 24  # each val image counted once
+        assert 0 <= r["val_top1"] <= r["val_top5"] <= 1 and r["images_per_s"] > 0
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]  # it learns
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [s["total_step"] for s in steps] == list(range(1, 37))  # 96 images / 8 = 12 steps x 3 epochs
+
+
+def test_resolved_recipe_and_git_commit_are_recorded(short_run):
+    run_dir, _ = short_run
+    recipe = json.loads((run_dir / "recipe.json").read_text())
+    assert recipe["phases"][0]["epochs"] == 3 and recipe["model"]["arch"] == "resnet10t"
+    info = json.loads((run_dir / "run.json").read_text())
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert info["git"]["commit"] == head and re.fullmatch(r"[0-9a-f]{40}", head)
+    assert info["distributed_type"] == "NO" and info["num_processes"] == 1
+
+
+def test_checkpoints_keep_last_and_best_and_are_complete(short_run):
+    run_dir, _ = short_run
+    folders = sorted((run_dir / "main" / "checkpoints").iterdir())
+    assert not [f for f in folders if f.name.startswith(".tmp")]
+    states = [read_state(f) for f in folders]
+    assert 1 <= len(folders) <= 2
+    assert max(s["total_step"] for s in states) == 36  # the last, at the end of epoch 3
+    best = max(json.loads(line)["val_top1"] for line in (run_dir / "history.jsonl").read_text().splitlines())
+    best_ema = max(json.loads(line)["ema_val_top1"] for line in (run_dir / "history.jsonl").read_text().splitlines())
+    assert max(s["val_top1"] for s in states if s["val_top1"] is not None) == max(best, best_ema)
+    for folder in folders:
+        assert (folder / STATE_FILE).is_file() and (folder / "optimizer.bin").is_file()
+        weights = load_file(folder / "model.safetensors")
+        assert "fc.weight" in weights and weights["fc.weight"].shape[0] == 3
+
+
+def test_wandb_offline_files_hold_the_metrics_and_config(short_run):
+    run_dir, _ = short_run
+    (run_file,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    rows = wandb_files.history(run_file)
+    logged = [r["val/top1"] for r in rows if "val/top1" in r]
+    history = [json.loads(line)["val_top1"] for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(history)
+    assert max(r["_step"] for r in rows) == 36
+    assert any("train/loss" in r for r in rows)
+    config = wandb_files.config(run_file)
+    assert config["phases"][0]["epochs"] == 3 and config["git"]["commit"]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert run_file.name == f"run-{info['wandb_id']}.wandb"
