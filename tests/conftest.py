@@ -45,7 +45,6 @@ def run_env(tmp_path_factory) -> dict[str, str]:
         WANDB_DISABLE_GIT="true",
         IMGCLS_CACHE=str(tmp_path_factory.mktemp("cache")),
         PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
     )
     env.pop("WANDB_API_KEY", None)
     return env

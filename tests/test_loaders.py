@@ -183,3 +183,19 @@ def test_eval_loader_pads_with_minus_one_labels(tiny_imagenet):
     # Two passes give the same batches (the pipeline is reused across epochs).
     again = torch.cat([y for _, y in shards[0]])
     assert torch.equal(again, labels[0])
+
+
+def test_decode_device_auto_is_cpu_without_cuda_and_mixed_needs_a_gpu():
+    from loaders.dali import resolve_decode_device
+
+    assert not torch.cuda.is_available()
+    assert resolve_decode_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        resolve_decode_device("mixed")
+
+
+def test_channels_last_output_is_a_free_view(tiny_imagenet):
+    train, _ = image_folder_splits(tiny_imagenet)
+    images, _ = next(_loader(train, channels_last=True).epoch_batches(0))
+    assert images.shape == (8, 3, 32, 32)
+    assert images.is_contiguous(memory_format=torch.channels_last)
