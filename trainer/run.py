@@ -98,11 +98,28 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> Path:
         raise SystemExit(2) from None
 
 
-def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None) -> Path:
-    data_root = resolve_data_path(recipe.data.path) if recipe.data.path else None
-    if data_root is None:
+def load_splits(recipe: Recipe) -> Splits:
+    """The recipe's train and val sources (an ImageFolder, or `builtin:digits`)."""
+    if not recipe.data.path:
         raise RecipeError("no data: pass --data PATH (an ImageFolder) or set data.path in the recipe")
-    train_src, val_src = image_folder_splits(data_root, recipe.data.val_fraction, recipe.seed)
+    train_src, val_src = image_folder_splits(resolve_data_path(recipe.data.path), recipe.data.val_fraction, recipe.seed)
+    return Splits(train=train_src, val=val_src)
+
+
+def create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
+    """The recipe's timm model with a head for `num_classes`, randomly initialised from the recipe's seed."""
+    set_seed(recipe.seed)
+    return timm.create_model(
+        recipe.model.arch,
+        num_classes=num_classes,
+        drop_rate=recipe.model.drop_rate,
+        drop_path_rate=recipe.model.drop_path_rate,
+    )
+
+
+def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None) -> Path:
+    splits = load_splits(recipe)
+    train_src, val_src = splits.train, splits.val
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb" if recipe.logging.wandb else None)
     # Every process must agree on the folder (timestamps differ by a second across processes).
@@ -123,7 +140,7 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
         distributed_type=accelerator.distributed_type.value,
         num_processes=accelerator.num_processes,
         device=str(accelerator.device),
-        data=str(data_root),
+        data=recipe.data.path,
         train_images=len(train_src),
         val_images=len(val_src),
         classes=list(train_src.classes),
@@ -149,16 +166,9 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
         log.rewind(saved["phase_index"], saved["epoch"], saved["total_step"])
         accelerator.print(f"resuming from {resume_from} (phase {saved['phase_name']}, epoch {saved['epoch']}, step {saved['step']})")
 
-    set_seed(recipe.seed)
-    model = timm.create_model(
-        recipe.model.arch,
-        num_classes=len(train_src.classes),
-        drop_rate=recipe.model.drop_rate,
-        drop_path_rate=recipe.model.drop_path_rate,
-    )
+    model = create_model(recipe, num_classes=len(train_src.classes))
     resumable = Resumable()
     accelerator.register_for_checkpointing(resumable)
-    splits = Splits(train=train_src, val=val_src)
     for index in range(start_phase, len(recipe.phases)):
         phase = recipe.phases[index]
         state = train_phase(
