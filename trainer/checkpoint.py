@@ -34,6 +34,9 @@ class TrainState:
     best_epoch: int = -1
     last_val: dict[str, float] = field(default_factory=dict)
     epoch_loss_sum: float = 0.0  # summed train loss of `epoch` up to `batch`, all processes
+    early_best: float = -1e30  # early stopping: best score so far (higher is better)
+    early_bad_epochs: int = 0  # epochs since it improved
+    stopped_early: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,17 +11,26 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from timm.optim import create_optimizer_v2
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from loaders.dali import EvalLoader, TrainAugment, TrainLoader
 from loaders.sources import ImageFolderSource
-from trainer.checkpoint import Resumable, TrainState, save_checkpoint
+from trainer.checkpoint import Resumable, TrainState, read_state, save_checkpoint
 from trainer.metrics import evaluate
 from trainer.recipe import Phase, Recipe
 from trainer.tracking import RunLog
+from trainer.transfer import (
+    apply_freeze,
+    build_optimizer_groups,
+    freeze_batchnorm_stats,
+    frozen_group_count,
+    stage_groups,
+)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -59,13 +68,16 @@ def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, 
         seed=recipe.seed * 1000 + phase_index,
         rank=accelerator.process_index,  # global rank, not local: correct across nodes
         world_size=world,
-        res_px_for_epoch=lambda epoch: phase.res_px,
+        res_px_for_epoch=phase.res_px_at,  # progressive resizing: a pure function of the epoch
         augment=TrainAugment(
             crop_scale=phase.crop_scale,
             crop_ratio=phase.crop_ratio,
             hflip_prob=phase.hflip_prob,
             mean=recipe.data.mean,
             std=recipe.data.std,
+            color_jitter=phase.color_jitter,
+            rand_augment_layers=phase.rand_augment_layers,
+            rand_augment_magnitude=phase.rand_augment_magnitude,
         ),
         batch_multiple=phase.grad_accum_steps,
         **loader_args,
@@ -85,27 +97,67 @@ def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, 
 
 
 def build_optimizer(model: torch.nn.Module, phase: Phase, lr: float, updates_per_epoch: int):
-    """timm's optimizer (no weight decay on norms and biases) and its scheduler, stepped per update
-    so the LR is a pure function of the update count."""
-    optimizer = create_optimizer_v2(
-        model, opt=phase.optimizer, lr=lr, weight_decay=phase.weight_decay, momentum=phase.momentum
-    )
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=phase.schedule,
-        # Warmup first, then the schedule over the remaining epochs: the peak LR is reached at the
-        # end of warmup (timm's default starts the decay under the warmup instead).
-        num_epochs=phase.epochs - phase.warmup_epochs,
-        warmup_prefix=True,
+    """timm's optimizer (no weight decay on norms and biases; backbone LR multiplier or layer decay)
+    and its scheduler. Stepped per update, the LR is a pure function of the update count."""
+    optimizer = build_optimizer_groups(model, phase, lr)
+    common = dict(
         decay_epochs=phase.decay_epochs,
         decay_rate=phase.decay_rate,
         warmup_epochs=phase.warmup_epochs,
         warmup_lr=lr * 0.01,
         min_lr=lr * phase.min_lr_ratio,
-        step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch,
+        # Warmup first, then the schedule over the remaining epochs: the peak LR is reached at the
+        # end of warmup (timm's default starts the decay under the warmup instead).
+        num_epochs=phase.epochs - phase.warmup_epochs,
+        warmup_prefix=True,
     )
+    if phase.schedule == "plateau":
+        # Driven by val top-1 once per epoch (scheduler.step(epoch, metric) at each epoch end).
+        common.update(patience_epochs=phase.plateau_patience_epochs, plateau_mode="max")
+        scheduler, _ = create_scheduler_v2(optimizer, sched="plateau", step_on_epochs=True, **common)
+        return optimizer, scheduler
+    sched = phase.schedule
+    if sched == "onecycle":
+        # OneCycle's shape on timm's cosine: rise from lr/25 over 30% of the phase (unless warmup is
+        # set), then cosine down to lr/25e4. Linear rise; momentum is not cycled.
+        warmup = phase.warmup_epochs or 0.3 * phase.epochs
+        common.update(warmup_epochs=warmup, warmup_lr=lr / 25, min_lr=lr / 25e4, num_epochs=phase.epochs - warmup)
+        sched = "cosine"
+    scheduler, _ = create_scheduler_v2(optimizer, sched=sched, step_on_epochs=False, updates_per_epoch=updates_per_epoch, **common)
     return optimizer, scheduler
+
+
+def build_criterion(phase: Phase, num_classes: int):
+    """(mixup or None, loss): timm's Mixup/CutMix makes soft targets, which need a soft-target loss."""
+    mixup = None
+    if phase.mixup_alpha or phase.cutmix_alpha:
+        mixup = Mixup(
+            mixup_alpha=phase.mixup_alpha,
+            cutmix_alpha=phase.cutmix_alpha,
+            prob=phase.mixup_prob,
+            switch_prob=phase.mixup_switch_prob,
+            label_smoothing=phase.label_smoothing,
+            num_classes=num_classes,
+        )
+    if phase.bce_loss:
+        # With mixup the targets already carry the smoothing; timm's RSB recipes threshold at 0.2.
+        loss = BinaryCrossEntropy(target_threshold=0.2) if mixup else BinaryCrossEntropy(smoothing=phase.label_smoothing)
+    elif mixup:
+        loss = SoftTargetCrossEntropy()
+    else:
+        loss = torch.nn.CrossEntropyLoss(label_smoothing=phase.label_smoothing)
+    return mixup, loss
+
+
+def early_stop_score(metric: str, val: dict, ema_val: dict | None) -> float:
+    """Higher is better for every metric (val_loss is negated)."""
+    ema_top1 = ema_val["top1"] if ema_val else -math.inf
+    return {
+        "val_top1": val["top1"],
+        "ema_val_top1": ema_top1,
+        "best_top1": max(val["top1"], ema_top1),
+        "val_loss": -val["loss"],
+    }[metric]
 
 
 def train_phase(
@@ -137,14 +189,20 @@ def train_phase(
 
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = model.to(device)
-    optimizer, scheduler = build_optimizer(model, phase, lr, updates_per_epoch)
-    ema = ModelEmaV3(model, decay=phase.ema_decay, use_warmup=phase.ema_warmup) if phase.ema_decay > 0 else None
-    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = model.to(device)
+    optimizer, scheduler = build_optimizer(raw_model, phase, lr, updates_per_epoch)
+    ema = ModelEmaV3(raw_model, decay=phase.ema_decay, use_warmup=phase.ema_warmup) if phase.ema_decay > 0 else None
+    # Freezing is a function of the epoch; set it before DDP wraps the model (DDP syncs only the
+    # parameters that are trainable when it wraps).
+    start_epoch = read_state(resume_from)["epoch"] if resume_from is not None else 0
+    frozen = apply_freeze(raw_model, phase, start_epoch)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
 
     resumable.parts = {"train_state": state, "loader": loader}
     if ema is not None:
         resumable.parts["ema"] = ema
+    if phase.schedule == "plateau":  # the only schedule with state beyond the update count
+        resumable.parts["scheduler"] = scheduler
     if resume_from is not None:
         # Everything: weights, optimizer, RNGs, EMA, TrainState, loader position.
         accelerator.load_state(str(resume_from))
@@ -153,9 +211,15 @@ def train_phase(
         state.epoch = state.batch = state.step = 0
         state.best_top1, state.best_source, state.best_epoch = -1.0, "", -1
         state.epoch_loss_sum = 0.0
-    scheduler.step_update(state.step)
+        state.early_best, state.early_bad_epochs, state.stopped_early = -1e30, 0, False
+    if phase.schedule == "plateau":
+        scheduler.step(state.epoch)
+    else:
+        scheduler.step_update(state.step)
 
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=phase.label_smoothing)
+    mixup, criterion = build_criterion(phase, raw_model.num_classes)
+    # timm's RandomErasing on the normalised batch, per sample (its draws come from the restored RNGs).
+    eraser = RandomErasing(phase.random_erasing, mode="pixel", device=str(device)) if phase.random_erasing else None
     autocast = autocast_for(precision, device)
     checkpoints_dir = run_dir / phase.name / "checkpoints"
     accum = phase.grad_accum_steps
@@ -171,7 +235,18 @@ def train_phase(
         save_checkpoint(accelerator, checkpoints_dir, state, val_top1, phase.keep_best_k)
 
     for epoch in range(state.epoch, phase.epochs):
+        if state.stopped_early:
+            break
+        if phase.unfreeze_at and frozen_group_count(phase, len(stage_groups(raw_model)), epoch) != frozen:
+            frozen = apply_freeze(raw_model, phase, epoch)
+            # DDP registered the old set of trainable parameters: wrap again (the optimizer and its
+            # state are kept; frozen parameters were in it all along).
+            accelerator.free_memory()
+            model, optimizer = accelerator.prepare(raw_model, optimizer.optimizer)
+            accelerator.print(f"[{phase.name} {epoch + 1}/{phase.epochs}] unfroze a stage: {frozen} stage groups still frozen")
         model.train()
+        if phase.freeze_bn_stats:
+            freeze_batchnorm_stats(raw_model)
         # The epoch's summed loss so far: from the checkpoint on the main process, zero elsewhere.
         loss_sum = torch.tensor(state.epoch_loss_sum if accelerator.is_main_process else 0.0, dtype=torch.float64, device=device)
         images_seen = 0
@@ -187,12 +262,17 @@ def train_phase(
         for images, labels in loader.epoch_batches(epoch):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            targets = labels
+            if mixup is not None:
+                images, targets = mixup(images, labels)
+            if eraser is not None:
+                images = eraser(images)
             update_now = loader.batch % accum == 0
             # Only the last micro-batch of an accumulation group all-reduces gradients.
             with contextlib.nullcontext() if update_now else accelerator.no_sync(model):
                 with autocast:
                     logits = model(images)
-                    loss = criterion(logits, labels)
+                    loss = criterion(logits, targets)
                 accelerator.backward(loss / accum)
             loss_sum += loss.detach().double() * labels.shape[0]
             images_seen += labels.shape[0] * world
@@ -208,7 +288,7 @@ def train_phase(
             state.batch = loader.batch
             scheduler.step_update(state.step)
             if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=state.step)
+                ema.update(raw_model, step=state.step)
 
             if state.step % recipe.logging.log_every_steps == 0:
                 loss_value = loss.item()  # a sync point: only every log_every_steps
@@ -247,7 +327,16 @@ def train_phase(
             "images_per_s": images_seen / max(train_seconds, 1e-9),
             "total_step": state.total_step,
         }
-        state.last_val = {"top1": val["top1"], "top5": val["top5"]}
+        state.last_val = {"top1": val["top1"], "top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None}
+        if phase.schedule == "plateau":
+            scheduler.step(epoch + 1, val["top1"])
+        score = early_stop_score(phase.early_stop_metric, val, ema_val)
+        if score > state.early_best:
+            state.early_best, state.early_bad_epochs = score, 0
+        else:
+            state.early_bad_epochs += 1
+        state.stopped_early = bool(phase.early_stop_patience and state.early_bad_epochs >= phase.early_stop_patience)
+        record["early_stopped"] = state.stopped_early
         log.epoch(record)
         scalars = {
             "train/epoch_loss": train_loss,
@@ -269,6 +358,8 @@ def train_phase(
         state.epoch_loss_sum = 0.0
         best_of_epoch = max(val["top1"], ema_val["top1"] if ema_val else -math.inf)
         checkpoint(best_of_epoch)
+        if state.stopped_early:
+            accelerator.print(f"[{phase.name}] early stop: {phase.early_stop_metric} did not improve for {phase.early_stop_patience} epochs")
 
     accelerator.free_memory()
     return state

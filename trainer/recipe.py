@@ -31,6 +31,7 @@ class Model:
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # stochastic depth
     channels_last: bool = False  # NHWC memory format: faster convolutions on GPUs with tensor cores
+    pretrained_file: str = ""  # local weights for init="pretrained"; else the Hugging Face cache (never downloads)
 
     def __post_init__(self) -> None:
         _check(bool(self.arch), "model.arch must name a timm model, e.g. resnet50")
@@ -40,7 +41,7 @@ class Model:
 
 @dataclass(frozen=True)
 class Data:
-    path: str = ""  # an ImageFolder (root/train + root/val, or one folder split below); "builtin:digits"
+    path: str = ""  # an ImageFolder (root/train + root/val, or one folder split below); "builtin:digits"; "hf:..."
     val_fraction: float = 0.2  # used only when there is no val/ folder: seeded stratified split
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -54,24 +55,54 @@ class Data:
         _check(all(s > 0 for s in self.std), f"data.std must be positive, got {self.std}")
 
 
+SCHEDULES = ("cosine", "step", "onecycle", "plateau", "tanh", "poly")
+EARLY_STOP_METRICS = ("val_top1", "ema_val_top1", "best_top1", "val_loss")
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str = "main"
     epochs: int = 10
     batch_size_per_device: int = 64
+    # -- where the weights come from and what trains --
+    init: str = ""  # "" = keep the current weights; "phase:<name>" = that phase's best (EMA if it scored
+    #                 better); "pretrained" = timm's weights for model.arch, offline; or a .safetensors path
+    subset: float = 1.0  # fraction of each training class to use (stratified, seeded)
+    head: str = ""  # "" = keep; "linear" or "mlp:<hidden>" = a new head (kept if already that shape)
+    head_dropout: float = 0.0
+    freeze: str = ""  # "" = nothing; "backbone" = all but the head; "stages:k" = the stem and first k stages
+    unfreeze_at: tuple[int, ...] = ()  # epochs at which the top frozen stage becomes trainable
+    backbone_lr_mult: float = 1.0  # LR of everything but the head, relative to the head's
+    layer_decay: float = 0.0  # timm layer-wise LR decay (e.g. 0.75); 0 = off
+    freeze_bn_stats: bool = False  # BatchNorm running statistics stay those of the initial weights
     optimizer: str = "adamw"  # timm.optim.create_optimizer_v2 name: sgd, adamw, lamb, lion, ...
     lr_per_256: float = 1e-3  # peak LR for 256 images; scaled by the global batch (Goyal et al.)
     momentum: float = 0.9  # for SGD-like optimizers
     weight_decay: float = 0.05  # not applied to norms and biases
-    schedule: str = "cosine"  # timm.scheduler.create_scheduler_v2 name: cosine, step, tanh, poly, ...
+    schedule: str = "cosine"  # cosine, step, tanh, poly (timm); onecycle (warmup from lr/25, cosine to lr/25e4); plateau
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.01  # final LR as a fraction of the peak
     decay_epochs: float = 30.0  # step schedule: epochs between decays
     decay_rate: float = 0.1  # step schedule: factor at each decay
+    plateau_patience_epochs: int = 2  # plateau schedule: epochs without val top-1 gain before LR x decay_rate
+    early_stop_patience: int = 0  # stop the phase after this many epochs without improvement; 0 = off
+    early_stop_metric: str = "best_top1"  # val_top1, ema_val_top1, best_top1 (model or EMA), val_loss
     label_smoothing: float = 0.0
+    bce_loss: bool = False  # binary cross-entropy per class (timm), as in ResNet-strikes-back
+    mixup_alpha: float = 0.0  # timm Mixup; 0 = off
+    cutmix_alpha: float = 0.0  # timm CutMix; 0 = off
+    mixup_prob: float = 1.0  # chance a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # with both on: chance of CutMix instead of Mixup
+    random_erasing: float = 0.0  # timm RandomErasing probability, on the normalised batch
+    rand_augment_layers: int = 0  # DALI RandAugment: ops per image; 0 = off
+    rand_augment_magnitude: int = 9  # DALI RandAugment magnitude (0-30)
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength (timm's 0.4 convention); 0 = off
     ema_decay: float = 0.0  # 0 turns EMA off; 0.9998 is timm's ImageNet default
     ema_warmup: bool = False  # timm's EMA warmup: decay ramps up from 0 (helps short runs)
-    res_px: int = 224  # train crop size
+    res_px: int = 224  # train crop size (at the start of a ramp)
+    res_px_end: int = 0  # progressive resizing: the size at the end of the ramp; 0 = fixed res_px
+    res_ramp_epochs: tuple[int, int] = (0, 0)  # ramp linearly between these epochs (ffcv-style)
+    res_step_px: int = 32  # ramped sizes are rounded to a multiple of this
     eval_res_px: int = 224
     eval_crop_fraction: float = 0.875  # resize shorter side to eval_res_px / this, then centre-crop
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
@@ -83,8 +114,40 @@ class Phase:
     checkpoint_every_steps: int = 0  # 0 = only at each epoch end
     keep_best_k: int = 1  # besides the newest checkpoint, keep the k best by val top-1 (model or EMA)
 
+    def res_px_at(self, epoch: int) -> int:
+        """Training resolution of `epoch`: a pure function, so resume and every rank agree."""
+        if not self.res_px_end:
+            return self.res_px
+        start, end = self.res_ramp_epochs
+        if epoch <= start:
+            return self.res_px
+        if epoch >= end:
+            return self.res_px_end
+        exact = self.res_px + (self.res_px_end - self.res_px) * (epoch - start) / (end - start)
+        return int(round(exact / self.res_step_px)) * self.res_step_px
+
     def __post_init__(self) -> None:
         p = f"phase {self.name!r}"
+        _check(0 < self.subset <= 1, f"{p}: subset must be in (0, 1], got {self.subset}")
+        _check(self.head in ("", "linear") or (self.head.startswith("mlp:") and self.head[4:].isdigit()), f'{p}: head must be "", "linear" or "mlp:<hidden units>", got {self.head!r}')
+        _check(0 <= self.head_dropout < 1, f"{p}: head_dropout must be in [0, 1), got {self.head_dropout}")
+        _check(self.freeze in ("", "backbone") or (self.freeze.startswith("stages:") and self.freeze[7:].isdigit()), f'{p}: freeze must be "", "backbone" or "stages:<k>", got {self.freeze!r}')
+        _check(all(e >= 0 for e in self.unfreeze_at), f"{p}: unfreeze_at epochs must be >= 0")
+        _check(self.backbone_lr_mult > 0, f"{p}: backbone_lr_mult must be positive, got {self.backbone_lr_mult}")
+        _check(0 <= self.layer_decay < 1, f"{p}: layer_decay must be in [0, 1), got {self.layer_decay}")
+        _check(not (self.layer_decay and self.backbone_lr_mult != 1.0), f"{p}: use layer_decay or backbone_lr_mult, not both")
+        _check(self.schedule in SCHEDULES, f"{p}: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(self.early_stop_metric in EARLY_STOP_METRICS, f"{p}: early_stop_metric must be one of {EARLY_STOP_METRICS}")
+        _check(self.early_stop_patience >= 0, f"{p}: early_stop_patience must be >= 0")
+        _check(self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, f"{p}: mixup_alpha and cutmix_alpha must be >= 0")
+        _check(0 <= self.mixup_prob <= 1 and 0 <= self.mixup_switch_prob <= 1, f"{p}: mixup_prob and mixup_switch_prob must be in [0, 1]")
+        _check(not (self.mixup_alpha or self.cutmix_alpha) or self.batch_size_per_device % 2 == 0, f"{p}: Mixup/CutMix need an even batch_size_per_device, got {self.batch_size_per_device}")
+        _check(0 <= self.random_erasing <= 1, f"{p}: random_erasing must be in [0, 1], got {self.random_erasing}")
+        _check(self.rand_augment_layers >= 0 and 0 <= self.rand_augment_magnitude <= 30, f"{p}: rand_augment_layers >= 0 and rand_augment_magnitude in 0..30")
+        _check(self.color_jitter >= 0, f"{p}: color_jitter must be >= 0")
+        _check(self.res_px_end == 0 or self.res_px_end >= 8, f"{p}: res_px_end must be 0 (off) or >= 8")
+        _check(self.res_ramp_epochs[0] <= self.res_ramp_epochs[1], f"{p}: res_ramp_epochs must be (start, end) with start <= end")
+        _check(self.res_step_px >= 1, f"{p}: res_step_px must be >= 1")
         _check(bool(self.name) and "/" not in self.name, f"{p}: name must be a non-empty folder name")
         _check(self.epochs >= 1, f"{p}: epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size_per_device >= 1, f"{p}: batch_size_per_device must be >= 1, got {self.batch_size_per_device}")
@@ -133,6 +196,10 @@ class Recipe:
         _check(len(self.phases) >= 1, "a recipe needs at least one phase")
         names = [p.name for p in self.phases]
         _check(len(set(names)) == len(names), f"phase names must be unique, got {names}")
+        for index, phase in enumerate(self.phases):
+            if phase.init.startswith("phase:"):
+                source = phase.init[len("phase:"):]
+                _check(source in names[:index], f"phase {phase.name!r}: init {phase.init!r} must name an earlier phase, one of {names[:index]}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,11 +17,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from loaders.digits import resolve_data_path
-from loaders.sources import DataError, image_folder_splits
-from trainer.checkpoint import Resumable, TrainState, newest_checkpoint, read_state
+from loaders.hf import PREFIX as HF_PREFIX
+from loaders.hf import hf_splits
+from loaders.sources import DataError, image_folder_splits, stratified_split
+from trainer.checkpoint import Resumable, TrainState, best_checkpoint, newest_checkpoint, read_state
 from trainer.loop import Splits, train_phase
-from trainer.recipe import Recipe, RecipeError, apply_overrides
+from trainer.recipe import Phase, Recipe, RecipeError, apply_overrides
 from trainer.tracking import RunLog, start_trackers
+from trainer.transfer import InitError, ensure_head, load_weights, pretrained_file, read_state_file
 
 RUN_INFO = "run.json"
 RESOLVED_RECIPE = "recipe.json"
@@ -102,8 +105,66 @@ def load_splits(recipe: Recipe) -> Splits:
     """The recipe's train and val sources (an ImageFolder, or `builtin:digits`)."""
     if not recipe.data.path:
         raise RecipeError("no data: pass --data PATH (an ImageFolder) or set data.path in the recipe")
-    train_src, val_src = image_folder_splits(resolve_data_path(recipe.data.path), recipe.data.val_fraction, recipe.seed)
+    if recipe.data.path.startswith(HF_PREFIX):
+        train_src, val_src = hf_splits(recipe.data.path, recipe.data.val_fraction, recipe.seed)
+    else:
+        train_src, val_src = image_folder_splits(resolve_data_path(recipe.data.path), recipe.data.val_fraction, recipe.seed)
     return Splits(train=train_src, val=val_src)
+
+
+def phase_splits(splits: Splits, recipe: Recipe, index: int, run_path: Path, accelerator) -> tuple[Splits, dict]:
+    """The phase's training data: all of it, or a stratified `subset` of each class. The chosen
+    indices are cached in <run>/<phase>/subset.json and read back by every process, so all ranks
+    and every resume use the same list."""
+    phase = recipe.phases[index]
+    if phase.subset >= 1.0:
+        return splits, {}
+    cache = run_path / phase.name / "subset.json"
+    if accelerator.is_main_process and not cache.exists():
+        _, chosen = stratified_split(splits.train.labels, phase.subset, seed=recipe.seed + 7919 * (index + 1))
+        chosen_src = splits.train.subset(chosen)
+        record = {"fraction": phase.subset, "indices": chosen.tolist(), "class_counts": chosen_src.class_counts()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(cache)
+    accelerator.wait_for_everyone()
+    record = json.loads(cache.read_text())
+    subset = splits.train.subset(record["indices"])
+    counts = record["class_counts"]
+    accelerator.print(
+        f"[{phase.name}] subset {phase.subset:.0%}: {len(subset)} of {len(splits.train)} training images, "
+        f"{min(counts.values())}-{max(counts.values())} per class (list in {cache})"
+    )
+    return Splits(train=subset, val=splits.val), counts
+
+
+def initialize(model: torch.nn.Module, recipe: Recipe, phase: Phase, run_path: Path) -> str:
+    """Load the phase's initial weights (weights only; a head of another class count stays new)."""
+    init = phase.init
+    if not init:
+        return "weights carried over"
+    if init.startswith("phase:"):
+        source = init[len("phase:"):]
+        ckpt = best_checkpoint(run_path / source / "checkpoints") or newest_checkpoint(run_path / source)
+        if ckpt is None:
+            raise InitError(f"phase {phase.name!r}: init {init!r} but phase {source!r} left no checkpoint in {run_path / source}")
+        scores = read_state(ckpt).get("last_val", {})
+        ema_file = ckpt / "custom_checkpoint_0.pkl"
+        if scores.get("ema_top1") is not None and scores["ema_top1"] > scores.get("top1", -1) and ema_file.exists():
+            ema = torch.load(ema_file, map_location="cpu", weights_only=False)["ema"]
+            state = {k.removeprefix("module."): v for k, v in ema.items()}
+            what = f"EMA weights of {ckpt} (EMA top-1 {scores['ema_top1']:.4f} > model {scores['top1']:.4f})"
+        else:
+            state = read_state_file(ckpt / "model.safetensors")
+            what = f"weights of {ckpt}"
+    elif init == "pretrained":
+        path = pretrained_file(recipe.model.arch, recipe.model.pretrained_file)
+        state, what = read_state_file(path), f"pretrained {recipe.model.arch} from {path}"
+    else:
+        state, what = read_state_file(Path(init)), f"weights from {init}"
+    skipped = load_weights(model, state, what)
+    return what + (f" (new head: {', '.join(skipped)})" if skipped else "")
 
 
 def create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
@@ -169,11 +230,19 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
     model = create_model(recipe, num_classes=len(train_src.classes))
     resumable = Resumable()
     accelerator.register_for_checkpointing(resumable)
-    for index in range(start_phase, len(recipe.phases)):
-        phase = recipe.phases[index]
+    num_classes = len(train_src.classes)
+    for index, phase in enumerate(recipe.phases):
+        if index < start_phase:  # done before the resume: only its head shape matters now
+            ensure_head(model, phase.head, num_classes, phase.head_dropout)
+            continue
+        resuming = resume_from is not None and index == start_phase
+        if not resuming:  # resume restores the weights; init is for fresh phases only
+            accelerator.print(f"[{phase.name}] init: {initialize(model, recipe, phase, run_path)}")
+        ensure_head(model, phase.head, num_classes, phase.head_dropout)
+        data, subset_counts = phase_splits(splits, recipe, index, run_path, accelerator)
         state = train_phase(
-            accelerator, recipe, index, model, splits, run_path, state, resumable, log,
-            resume_from=resume_from if index == start_phase else None,
+            accelerator, recipe, index, model, data, run_path, state, resumable, log,
+            resume_from=resume_from if resuming else None,
         )
         # A checksum of the weights on every process: DDP must leave them identical.
         checksum = parameter_checksum(model)
@@ -186,6 +255,8 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
                 "last_val": state.last_val,
                 "steps": state.step,
                 "param_checksums": checksums,
+                "subset_class_counts": subset_counts,
+                "stopped_early": state.stopped_early,
             }
             info_path.write_text(json.dumps(info, indent=2))
         if len(set(checksums)) != 1:

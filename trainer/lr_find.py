@@ -1,0 +1,207 @@
+"""The LR range test (Leslie Smith / fastai): a recipe phase's own model, loader, optimizer and loss under an exponentially rising LR."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from trainer.loop import autocast_for, build_loaders, build_optimizer, resolve_precision
+from trainer.recipe import Recipe, RecipeError
+from trainer.run import create_model, load_splits
+
+SMOOTHING_BETA = 0.98  # fastai's: an exponential average over ~50 steps
+DIVERGENCE_FACTOR = 4.0  # stop once the smoothed loss is this many times its best
+SKIP_START = 10  # points the suggestion ignores at the start (fastai's skip_start)
+
+
+@dataclass
+class LRFindResult:
+    recipe: str
+    phase_index: int
+    phase_name: str
+    global_batch: int  # images per update in the test: per device x processes x accumulation
+    precision: str
+    start_lr: float
+    end_lr: float
+    steps: int  # asked for; len(lrs) is how many ran
+    stop_reason: str  # "end_lr reached", "diverged" or "loss not finite"
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    suggested_index: int | None = None  # the point of steepest descent; None when fewer than two ran
+    suggested_lr: float | None = None
+
+    @property
+    def suggested_lr_per_256(self) -> float | None:
+        """The suggestion in the recipe's unit: the trainer sets lr = lr_per_256 x global batch / 256."""
+        return None if self.suggested_lr is None else self.suggested_lr * 256 / self.global_batch
+
+    @property
+    def set_line(self) -> str | None:
+        """The override that trains this phase at the suggested LR."""
+        value = self.suggested_lr_per_256
+        return None if value is None else f"--set phases.{self.phase_index}.lr_per_256={value:.3g}"
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        series = [{"lr": lr, "loss": loss, "smoothed": s} for lr, loss, s in zip(out.pop("lrs"), out.pop("losses"), out.pop("smoothed"))]
+        out.update(suggested_lr_per_256=self.suggested_lr_per_256, set_line=self.set_line, series=series)
+        return out
+
+
+def lr_at(step: int, steps: int, start_lr: float, end_lr: float) -> float:
+    """Exponential from start_lr at step 0 to exactly end_lr at step steps - 1."""
+    return start_lr * (end_lr / start_lr) ** (step / max(steps - 1, 1))
+
+
+def steepest_descent(lrs: list[float], smoothed: list[float]) -> int | None:
+    """Index of the most negative slope of the smoothed loss against log10(lr); None below two points.
+
+    The first points are left out (fastai skips 10; a third of a short test): there the bias-corrected
+    average rests on a handful of losses, so batch-to-batch noise would pass for the steepest descent.
+    """
+    if len(lrs) < 2:
+        return None
+    slopes = np.gradient(np.asarray(smoothed, dtype=np.float64), np.log10(np.asarray(lrs, dtype=np.float64)))
+    skip = min(SKIP_START, len(lrs) // 3)
+    return skip + int(np.argmin(slopes[skip:]))
+
+
+def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
+    """Train a fresh copy of the recipe's model on `phase_index`'s data for up to `steps` updates, the LR
+    rising exponentially from `start_lr` to `end_lr`; stops early when the smoothed loss diverges.
+
+    Writes nothing: no run folder, checkpoint or tracker. Runs in one process, on the GPU if there is one.
+    """
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+    phase = recipe.phases[phase_index]
+    splits = load_splits(recipe)
+    # No log_with and no project_dir: the Accelerator only picks the device.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes != 1:
+        # Every process would write the same plot; one process is all the test needs.
+        raise RecipeError("lr-find runs in one process: start it with python -m trainer, not accelerate launch")
+    device = accelerator.device
+    precision = resolve_precision(phase.precision, device)
+    accum = phase.grad_accum_steps
+    global_batch = phase.batch_size_per_device * accelerator.num_processes * accum
+
+    model = create_model(recipe, num_classes=len(splits.train.classes))
+    set_seed(recipe.seed + phase_index)  # as train_phase: the same sample order and dropout draws
+    loader, _ = build_loaders(recipe, phase, phase_index, splits, accelerator)
+    if recipe.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)
+    # The recipe's optimizer (its weight-decay exclusions included); its scheduler is not used.
+    optimizer, _ = build_optimizer(model, phase, start_lr, max(loader.batches_per_epoch // accum, 1))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=phase.label_smoothing)
+    autocast = autocast_for(precision, device)
+
+    result = LRFindResult(
+        recipe=recipe.name, phase_index=phase_index, phase_name=phase.name, global_batch=global_batch,
+        precision=precision, start_lr=start_lr, end_lr=end_lr, steps=steps, stop_reason="end_lr reached",
+    )
+    average, best = 0.0, math.inf
+    bar = tqdm(total=steps, desc=f"lr-find {phase.name}", unit="step", disable=not recipe.logging.progress_bar, mininterval=1.0)
+    model.train()
+    update, micro_losses, epoch = 0, [], 0
+    while update < steps:
+        # An epoch shorter than the test: carry on into the next one, as training would.
+        for images, labels in loader.epoch_batches(epoch):
+            if not micro_losses:  # first micro-batch of an update: its LR
+                lr = lr_at(update, steps, start_lr, end_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # timm's layer-decay scale, if any
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with autocast:
+                loss = criterion(model(images), labels)
+            accelerator.backward(loss / accum)
+            micro_losses.append(loss.item())  # a sync point every step: the stop test needs it anyway
+            if len(micro_losses) < accum:
+                continue
+            if phase.clip_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), phase.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = sum(micro_losses) / accum
+            micro_losses = []
+            bar.update(1)
+            if not math.isfinite(step_loss):
+                result.stop_reason = "loss not finite"
+                break
+            average = SMOOTHING_BETA * average + (1 - SMOOTHING_BETA) * step_loss
+            smoothed = average / (1 - SMOOTHING_BETA ** (update + 1))  # bias correction: no ramp from 0
+            result.lrs.append(lr)
+            result.losses.append(step_loss)
+            result.smoothed.append(smoothed)
+            best = min(best, smoothed)
+            update += 1
+            if smoothed > DIVERGENCE_FACTOR * best:
+                result.stop_reason = "diverged"
+                break
+            if update >= steps:
+                break
+        if result.stop_reason != "end_lr reached":
+            break
+        epoch += 1
+    bar.close()
+    accelerator.free_memory()
+
+    result.suggested_index = steepest_descent(result.lrs, result.smoothed)
+    if result.suggested_index is not None:
+        result.suggested_lr = result.lrs[result.suggested_index]
+    return result
+
+
+def _write_atomic(path: Path, write) -> None:
+    # A partial file never stands under the final name (an interrupted run leaves only .tmp).
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_plot(result: LRFindResult, path: Path) -> None:
+    """Loss (faint) and smoothed loss against the LR on a log axis, the suggestion marked."""
+    # The Agg canvas on a bare Figure: files only, no display needed, and no global pyplot/backend state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=2, label=f"smoothed (beta {SMOOTHING_BETA})")
+    if result.suggested_index is not None:
+        ax.plot([result.suggested_lr], [result.smoothed[result.suggested_index]], "o", color="tab:red",
+                label=f"steepest descent: lr {result.suggested_lr:.3g} (lr_per_256 {result.suggested_lr_per_256:.3g})")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"learning rate (global batch {result.global_batch})")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test: {result.recipe}, phase {result.phase_index} '{result.phase_name}' ({result.stop_reason})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    _write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
+
+
+def save_result(result: LRFindResult, plot_path: Path) -> Path:
+    """The plot at `plot_path` and the series as JSON beside it (same stem); returns the JSON path."""
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    save_plot(result, plot_path)
+    json_path = plot_path.with_suffix(".json")
+    _write_atomic(json_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2)))
+    return json_path
