@@ -93,6 +93,8 @@ def run_lr_find(args: argparse.Namespace) -> None:
     phase = recipe.phases[index]
     print(f"lr-find: recipe {recipe.name}, phase {index} {phase.name!r}, {args.steps} steps, lr {args.start_lr:g} -> {args.end_lr:g}", flush=True)
     result = lr_find(recipe, index, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
+    for note in result.weights:
+        print(note)
     out = Path(args.out)
     json_path = save_result(result, out)
     print(f"ran {len(result.lrs)} of {result.steps} steps ({result.stop_reason}), global batch {result.global_batch} "

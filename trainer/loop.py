@@ -112,9 +112,10 @@ def build_optimizer(model: torch.nn.Module, phase: Phase, lr: float, updates_per
         warmup_prefix=True,
     )
     if phase.schedule == "plateau":
-        # Driven by val top-1 once per epoch (scheduler.step(epoch, metric) at each epoch end).
-        common.update(patience_epochs=phase.plateau_patience_epochs, plateau_mode="max")
-        scheduler, _ = create_scheduler_v2(optimizer, sched="plateau", step_on_epochs=True, **common)
+        scheduler = PlateauLR(
+            optimizer, lr, warmup_updates=round(phase.warmup_epochs * updates_per_epoch), warmup_lr=lr * 0.01,
+            decay_rate=phase.decay_rate, patience_epochs=phase.plateau_patience_epochs, min_lr=lr * phase.min_lr_ratio,
+        )
         return optimizer, scheduler
     sched = phase.schedule
     if sched == "onecycle":
@@ -125,6 +126,39 @@ def build_optimizer(model: torch.nn.Module, phase: Phase, lr: float, updates_per
         sched = "cosine"
     scheduler, _ = create_scheduler_v2(optimizer, sched=sched, step_on_epochs=False, updates_per_epoch=updates_per_epoch, **common)
     return optimizer, scheduler
+
+
+class PlateauLR:
+    """Linear warmup, then the LR times `decay_rate` whenever val top-1 has not improved for more than
+    `patience_epochs` epochs. Written here because timm's PlateauLRScheduler is deprecated and does
+    not checkpoint its patience counters (resume would restart them)."""
+
+    def __init__(self, optimizer, lr: float, *, warmup_updates: int, warmup_lr: float, decay_rate: float, patience_epochs: int, min_lr: float) -> None:
+        self.optimizer, self.lr, self.warmup_updates, self.warmup_lr = optimizer, lr, warmup_updates, warmup_lr
+        self.decay_rate, self.patience_epochs, self.min_lr = decay_rate, patience_epochs, min_lr
+        self.best, self.bad_epochs, self.cuts = -math.inf, 0, 0
+
+    def step_update(self, step: int) -> None:
+        if step < self.warmup_updates:
+            value = self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_updates
+        else:
+            value = max(self.lr * self.decay_rate**self.cuts, self.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = value * group.get("lr_scale", 1.0)  # honour backbone multipliers, as timm does
+
+    def epoch_end(self, metric: float) -> None:
+        if metric > self.best:
+            self.best, self.bad_epochs = metric, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs > self.patience_epochs:
+                self.cuts, self.bad_epochs = self.cuts + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "cuts": self.cuts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_epochs, self.cuts = state["best"], state["bad_epochs"], state["cuts"]
 
 
 def build_criterion(phase: Phase, num_classes: int):
@@ -201,7 +235,7 @@ def train_phase(
     resumable.parts = {"train_state": state, "loader": loader}
     if ema is not None:
         resumable.parts["ema"] = ema
-    if phase.schedule == "plateau":  # the only schedule with state beyond the update count
+    if isinstance(scheduler, PlateauLR):  # the only schedule with state beyond the update count
         resumable.parts["scheduler"] = scheduler
     if resume_from is not None:
         # Everything: weights, optimizer, RNGs, EMA, TrainState, loader position.
@@ -212,10 +246,7 @@ def train_phase(
         state.best_top1, state.best_source, state.best_epoch = -1.0, "", -1
         state.epoch_loss_sum = 0.0
         state.early_best, state.early_bad_epochs, state.stopped_early = -1e30, 0, False
-    if phase.schedule == "plateau":
-        scheduler.step(state.epoch)
-    else:
-        scheduler.step_update(state.step)
+    scheduler.step_update(state.step)
 
     mixup, criterion = build_criterion(phase, raw_model.num_classes)
     # timm's RandomErasing on the normalised batch, per sample (its draws come from the restored RNGs).
@@ -323,13 +354,14 @@ def train_phase(
             "ema_val_top1": ema_val["top1"] if ema_val else None,
             "ema_val_top5": ema_val["top5"] if ema_val else None,
             "lr": optimizer.param_groups[0]["lr"],
-            "res_px": loader.res_px(epoch),
+            "res_px": int(images.shape[-1]),  # what the model saw in this epoch's last batch
             "images_per_s": images_seen / max(train_seconds, 1e-9),
             "total_step": state.total_step,
         }
         state.last_val = {"top1": val["top1"], "top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None}
-        if phase.schedule == "plateau":
-            scheduler.step(epoch + 1, val["top1"])
+        if isinstance(scheduler, PlateauLR):
+            scheduler.epoch_end(val["top1"])
+            scheduler.step_update(state.step)
         score = early_stop_score(phase.early_stop_metric, val, ema_val)
         if score > state.early_best:
             state.early_best, state.early_bad_epochs = score, 0

@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from timm.data.random_erasing import RandomErasing
 from tqdm.auto import tqdm
 
-from trainer.loop import autocast_for, build_loaders, build_optimizer, resolve_precision
+from trainer.loop import autocast_for, build_criterion, build_loaders, build_optimizer, resolve_precision
 from trainer.recipe import Recipe, RecipeError
-from trainer.run import create_model, load_splits
+from trainer.run import create_model, initialize, load_splits
+from trainer.transfer import apply_freeze, ensure_head, freeze_batchnorm_stats
 
 SMOOTHING_BETA = 0.98  # fastai's: an exponential average over ~50 steps
 DIVERGENCE_FACTOR = 4.0  # stop once the smoothed loss is this many times its best
@@ -37,6 +39,7 @@ class LRFindResult:
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
+    weights: list[str] = field(default_factory=list)  # where the starting weights came from
     suggested_index: int | None = None  # the point of steepest descent; None when fewer than two ran
     suggested_lr: float | None = None
 
@@ -76,6 +79,23 @@ def steepest_descent(lrs: list[float], smoothed: list[float]) -> int | None:
     return skip + int(np.argmin(slopes[skip:]))
 
 
+def starting_weights(model: torch.nn.Module, recipe: Recipe, phase_index: int, num_classes: int) -> list[str]:
+    """Bring a fresh model to where training would start phase `phase_index`, as far as that needs no
+    run: each phase's init from timm's pretrained weights or a file, and its head. What earlier phases
+    would have trained, and an init from their checkpoints ("phase:<name>"), needs a run: skipped."""
+    notes = []
+    if phase_index > 0:
+        notes.append(f"phases before {recipe.phases[phase_index].name!r} are not trained here: the test starts from their initial weights")
+    for phase in recipe.phases[: phase_index + 1]:
+        if phase.init.startswith("phase:"):
+            notes.append(f"[{phase.name}] init {phase.init!r} skipped: it reads a training run's checkpoint")
+        elif phase.init:
+            # The run folder is only read for "phase:" inits, skipped above: none is needed here.
+            notes.append(f"[{phase.name}] init: {initialize(model, recipe, phase, run_path=Path())}")
+        ensure_head(model, phase.head, num_classes, phase.head_dropout)
+    return notes
+
+
 def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
     """Train a fresh copy of the recipe's model on `phase_index`'s data for up to `steps` updates, the LR
     rising exponentially from `start_lr` to `end_lr`; stops early when the smoothed loss diverges.
@@ -98,25 +118,35 @@ def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: flo
     accum = phase.grad_accum_steps
     global_batch = phase.batch_size_per_device * accelerator.num_processes * accum
 
-    model = create_model(recipe, num_classes=len(splits.train.classes))
-    set_seed(recipe.seed + phase_index)  # as train_phase: the same sample order and dropout draws
+    num_classes = len(splits.train.classes)
+    model = create_model(recipe, num_classes=num_classes)
+    weights = starting_weights(model, recipe, phase_index, num_classes)
+    set_seed(recipe.seed + phase_index)  # as train_phase: the same dropout / drop-path draws
     loader, _ = build_loaders(recipe, phase, phase_index, splits, accelerator)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
     # The recipe's optimizer (its weight-decay exclusions included); its scheduler is not used.
     optimizer, _ = build_optimizer(model, phase, start_lr, max(loader.batches_per_epoch // accum, 1))
+    apply_freeze(model, phase, 0)  # the first epoch's frozen stages, as training starts the phase
+    raw_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=phase.label_smoothing)
+    # The phase's own loss and batch augmentation: CrossEntropy with its label smoothing, or BCE,
+    # Mixup/CutMix and random erasing where the phase turns them on.
+    mixup, criterion = build_criterion(phase, num_classes)
+    eraser = RandomErasing(phase.random_erasing, mode="pixel", device=str(device)) if phase.random_erasing else None
     autocast = autocast_for(precision, device)
 
     result = LRFindResult(
         recipe=recipe.name, phase_index=phase_index, phase_name=phase.name, global_batch=global_batch,
         precision=precision, start_lr=start_lr, end_lr=end_lr, steps=steps, stop_reason="end_lr reached",
+        weights=weights,
     )
     average, best = 0.0, math.inf
     bar = tqdm(total=steps, desc=f"lr-find {phase.name}", unit="step", disable=not recipe.logging.progress_bar, mininterval=1.0)
     model.train()
+    if phase.freeze_bn_stats:
+        freeze_batchnorm_stats(raw_model)
     update, micro_losses, epoch = 0, [], 0
     while update < steps:
         # An epoch shorter than the test: carry on into the next one, as training would.
@@ -127,6 +157,10 @@ def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: flo
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # timm's layer-decay scale, if any
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            if mixup is not None:
+                images, labels = mixup(images, labels)
+            if eraser is not None:
+                images = eraser(images)
             with autocast:
                 loss = criterion(model(images), labels)
             accelerator.backward(loss / accum)
@@ -189,10 +223,14 @@ def save_plot(result: LRFindResult, path: Path) -> None:
         ax.plot([result.suggested_lr], [result.smoothed[result.suggested_index]], "o", color="tab:red",
                 label=f"steepest descent: lr {result.suggested_lr:.3g} (lr_per_256 {result.suggested_lr_per_256:.3g})")
     ax.set_xscale("log")
+    if result.lrs:
+        # Up to the smoothed curve's top (at most ~4x its best): a raw blow-up would squash the curve flat.
+        low = min(min(result.losses), min(result.smoothed))
+        ax.set_ylim(max(0.0, low - 0.1 * abs(low)), 1.1 * max(result.smoothed))
     ax.set_xlabel(f"learning rate (global batch {result.global_batch})")
     ax.set_ylabel("training loss")
     ax.set_title(f"LR range test: {result.recipe}, phase {result.phase_index} '{result.phase_name}' ({result.stop_reason})")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     _write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))

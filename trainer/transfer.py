@@ -88,15 +88,15 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: s
     head = classifier_path(model) + "."
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape and k.startswith(head)]
     state = {k: v for k, v in state.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(head)]
-    unexpected = [k for k in unexpected if not k.startswith(head)]
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith(head)]
+    unexpected = [k for k in state if k not in own and not k.startswith(head)]
     if missing or unexpected or wrong:
         raise InitError(
             f"{what} does not fit model {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shapes {wrong[:5]}; check model.arch"
         )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return skipped
 
 
