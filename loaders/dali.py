@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
-from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.auto_aug import augmentations, rand_augment
+from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
+from nvidia.dali.pipeline import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from loaders import order
@@ -28,6 +30,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Uniform draws per sample: crop area, crop log-aspect, crop x, crop y, flip.
 _DRAWS = 5
+# Each optional augmentation draws from its own `order.augment_uniforms` stream, appended as extra
+# columns after the five above: turning one on changes neither the crops nor the other's draws.
+_JITTER_STREAM = 1  # brightness, contrast, saturation
+_JITTER_DRAWS = 3
+_RAND_AUGMENT_STREAM = 2  # per layer: which op, and the sign of its magnitude
+_RAND_AUGMENT_BINS = 31  # magnitudes 0..30, torchvision's and DALI's RandAugment convention
+# Weights of torchvision's rgb_to_grayscale (ITU-R 601-2 luma), the centre of its contrast change.
+_GRAY = (0.299, 0.587, 0.114)
 
 
 def resolve_decode_device(device: str) -> str:
@@ -43,28 +53,146 @@ def resolve_decode_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class TrainAugment:
-    """Random-resized-crop, flip and normalisation for training (timm/torchvision defaults)."""
+    """Random-resized-crop, flip, optional RandAugment and colour jitter, and normalisation for training.
+
+    Defaults are timm/torchvision's; RandAugment and colour jitter are off unless asked for. In timm's
+    order: crop, flip, RandAugment (`rand_augment_layers` ops per image from `rand_augment_ops()`, at
+    `rand_augment_magnitude` of 0..30 as in torchvision, each op's sign drawn; nearest-neighbour warps
+    filled with grey 128), then colour jitter (brightness, contrast and saturation each times a factor
+    uniform in [max(0, 1 - s), 1 + s]: torchvision's ColorJitter(s, s, s) in that fixed order).
+    All of it is driven by `augment_draws`, so it replays exactly on resume.
+    """
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip_prob: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    color_jitter: float = 0.0
+    rand_augment_layers: int = 0
+    rand_augment_magnitude: int = 9
+
+    def __post_init__(self) -> None:
+        if self.color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
+        if self.rand_augment_layers < 0:
+            raise ValueError(f"rand_augment_layers must be >= 0, got {self.rand_augment_layers}")
+        if not 0 <= self.rand_augment_magnitude < _RAND_AUGMENT_BINS:
+            raise ValueError(f"rand_augment_magnitude must be in 0..{_RAND_AUGMENT_BINS - 1}, got {self.rand_augment_magnitude}")
+
+
+def augment_draws(num_samples: int, *, seed: int, epoch: int, aug: TrainAugment) -> np.ndarray:
+    """Every sample's uniforms for `epoch` as the train graph reads them: crop and flip, then jitter, then RandAugment."""
+    tables = [order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=_DRAWS)]
+    if aug.color_jitter > 0:
+        tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=_JITTER_DRAWS, stream=_JITTER_STREAM))
+    if aug.rand_augment_layers > 0:
+        count = 2 * aug.rand_augment_layers
+        tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=count, stream=_RAND_AUGMENT_STREAM))
+    return np.concatenate(tables, axis=1)
+
+
+def jitter_factors(draws, strength: float):
+    """Brightness, contrast and saturation factors from a sample's three jitter uniforms (numpy or DALI nodes)."""
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    return tuple(lo + u * (hi - lo) for u in draws)
 
 
 def _normalize_args(mean, std) -> dict:
     return dict(mean=[255.0 * m for m in mean], std=[255.0 * s for s in std], dtype=types.FLOAT)
 
 
+# DALI 2.4's suite still calls fn.experimental.filter / fn.experimental.equalize, deprecated aliases that
+# warn on every graph build (DALI forces that warning on, past any filter); the same ops under their names.
+@augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=augmentations.sharpness_kernel, param_device="auto", name="sharpness")
+def _sharpness(data, kernel):
+    return fn.filter(data, kernel)
+
+
+@augmentation(name="equalize")
+def _equalize(data, _):
+    return fn.equalize(data)
+
+
+def rand_augment_ops() -> list:
+    """The RandAugment op list, in the order our draws index it: DALI's default (monotonic) suite.
+
+    translate_x, translate_y, shear_x, shear_y, rotate, brightness, contrast, color, sharpness,
+    posterize, solarize, equalize, auto_contrast, identity; translations are a fraction (up to
+    100/224) of the image side, so their strength does not depend on the resolution.
+    """
+    replace = {"sharpness": _sharpness, "equalize": _equalize}
+    return [replace.get(op.name, op) for op in rand_augment.get_rand_augment_suite(use_shape=True)]
+
+
+def _mean_grey(images):
+    """Each image's mean luma, shape (1, 1, 1), on the images' device: the centre of torchvision's contrast."""
+    rgb_mean = fn.reductions.mean(images, axis_names="HW", keep_dims=True)
+    return fn.reductions.sum(rgb_mean * types.Constant(np.array(_GRAY, np.float32)), axis_names="C", keep_dims=True)
+
+
+def _brightness_contrast(images, brightness, contrast, *, centre_as_argument: bool | None = None):
+    """b * (m + c * (x - m)) on uint8 with m the image's mean grey: torchvision's brightness, then contrast.
+
+    Contrast around m after brightness b is contrast around b * m of the brightened image, so the two are
+    one affine map (fn.contrast's own centre is a fixed mid-grey, not torchvision's). Per-sample argument
+    inputs must be CPU nodes: on the CPU the centre is one (one fast uint8 op); on the GPU it is computed
+    where the pixels are, so arithmetic applies it there. `centre_as_argument` forces a path (for tests).
+    """
+    grey = _mean_grey(images)
+    if centre_as_argument is None:
+        centre_as_argument = images.device != "gpu"
+    if centre_as_argument:
+        return fn.brightness_contrast(
+            images, brightness=brightness, contrast=contrast, contrast_center=fn.reshape(grey, shape=[])
+        )
+    if images.device == "gpu":
+        brightness, contrast = brightness.gpu(), contrast.gpu()
+    # The cast back to uint8 rounds and saturates, as the uint8 op above does.
+    return fn.cast_like((grey + (images - grey) * contrast) * brightness, images)
+
+
+def _color_jitter(images, draws, strength: float):
+    """torchvision's ColorJitter(s, s, s) on uint8 HWC images (brightness, contrast, then saturation); float out."""
+    brightness, contrast, saturation = jitter_factors([draws[_DRAWS + k] for k in range(_JITTER_DRAWS)], strength)
+    images = _brightness_contrast(images, brightness, contrast)
+    # DALI scales chroma in YIQ and keeps Y, the same luma as torchvision's greyscale: its blend with grey.
+    # Float out, clamped once here: DALI's float-to-uint8 rounding on the CPU costs twice the op itself,
+    # and crop_mirror_normalize takes float as readily.
+    images = fn.saturation(images, saturation=saturation, dtype=types.FLOAT)
+    return dmath.clamp(images, 0.0, 255.0)
+
+
+def _rand_augment(images, draws, first: int, *, layers: int, magnitude: int, size):
+    """RandAugment from DALI's own op suite, with each layer's op and magnitude sign taken from our draws.
+
+    `nvidia.dali.auto_aug.rand_augment` draws both with `fn.random.*`, DALI's RNG, which a resumed
+    pipeline cannot replay; its building blocks (the suite, `select`, `signed_bin`) take them as inputs.
+    """
+    suite = rand_augment_ops()
+    for layer in range(layers):
+        pick, sign = draws[first + 2 * layer], draws[first + 2 * layer + 1]
+        # floor(u * n) in 0..n-1 (min guards a float32 product that rounds up to n).
+        op = fn.cast(dmath.min(dmath.floor(pick * len(suite)), len(suite) - 1), dtype=types.INT32)
+        images = select(
+            suite,
+            op,
+            data=images,
+            magnitude_bin=signed_bin(magnitude, random_sign=fn.cast(sign < 0.5, dtype=types.INT32)),
+            num_magnitude_bins=_RAND_AUGMENT_BINS,
+            shape=size,  # (H, W) after the resize: what translate_x/y scale by
+            fill_value=128,
+            # torchvision's RandAugment default; linear costs ~3x as much per geometric op on the CPU.
+            interp_type=types.INTERP_NN,
+        )
+    return images
+
+
 def _build_train_pipeline(callback, *, batch_size, num_threads, device_id, decode_device, aug, channels_last):
-    pipe = Pipeline(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        prefetch_queue_depth=2,
-        exec_dynamic=True,
-    )
-    with pipe:
+    # RandAugment picks one op per sample with `if` on a per-sample index: DALI's conditionals, which
+    # need the graph traced as a pipeline_def. Left off otherwise, so the graph without it is unchanged.
+    @pipeline_def(enable_conditionals=aug.rand_augment_layers > 0)
+    def graph():
         jpegs, labels, draws, size = fn.external_source(
             source=callback,
             num_outputs=4,
@@ -95,6 +223,15 @@ def _build_train_pipeline(callback, *, batch_size, num_threads, device_id, decod
             normalized_shape=False,
         )
         images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        if aug.rand_augment_layers > 0:
+            first = _DRAWS + (_JITTER_DRAWS if aug.color_jitter > 0 else 0)
+            images = _rand_augment(
+                images, draws, first, layers=aug.rand_augment_layers, magnitude=aug.rand_augment_magnitude, size=size
+            )
+        if aug.color_jitter > 0:
+            images = _color_jitter(images, draws, aug.color_jitter)
+        # The flip happens in crop_mirror_normalize, after RandAugment rather than before it as in timm:
+        # the same distribution, since every geometric op's sign is drawn symmetric.
         flip = fn.cast(draws[4] < aug.hflip_prob, dtype=types.INT32)
         images = fn.crop_mirror_normalize(
             images,
@@ -104,8 +241,15 @@ def _build_train_pipeline(callback, *, batch_size, num_threads, device_id, decod
         )
         if decode_device == "mixed":
             labels = labels.gpu()
-        pipe.set_outputs(images, labels)
-    return pipe
+        return images, labels
+
+    return graph(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=2,
+        exec_dynamic=True,
+    )
 
 
 def _build_eval_pipeline(callback, *, batch_size, num_threads, device_id, decode_device, res_px, crop_fraction, mean, std, channels_last):
@@ -227,7 +371,7 @@ class TrainLoader:
                 world_size=self.world_size,
                 batch_size=self.batch_size,
             )
-            draws = order.augment_uniforms(len(self.source), seed=self.seed, epoch=epoch, count=_DRAWS)
+            draws = augment_draws(len(self.source), seed=self.seed, epoch=epoch, aug=self.augment)
             self._cache = (indices, draws)
             self._cache_epoch = epoch
         return self._cache

@@ -45,10 +45,14 @@ def eval_order(num_samples: int, *, rank: int, world_size: int, batch_size: int)
     return np.concatenate([mine, np.full(total - len(mine), -1, dtype=np.int64)])
 
 
-def augment_uniforms(num_samples: int, *, seed: int, epoch: int, count: int) -> np.ndarray:
-    """`count` uniforms in [0, 1) per sample for `epoch`: the randomness of crops and flips.
+def augment_uniforms(num_samples: int, *, seed: int, epoch: int, count: int, stream: int = 0) -> np.ndarray:
+    """`count` uniforms in [0, 1) per sample for `epoch`: the randomness of crops, flips and other augmentations.
 
     Keyed by sample index, not by rank or position, so a sample gets the same crop in a given
     epoch whatever the number of processes and whether or not the run was resumed.
+    `stream` picks an independent table. numpy fills a (samples, count) table row by row, so asking
+    stream 0 for more columns would move every existing draw; an augmentation added later takes a
+    stream of its own instead, and turning it on leaves the crops of existing seeds as they were.
     """
-    return np.random.default_rng([seed, epoch, 0xA06]).random((num_samples, count), dtype=np.float32)
+    key = [seed, epoch, 0xA06] if stream == 0 else [seed, epoch, 0xA06, stream]
+    return np.random.default_rng(key).random((num_samples, count), dtype=np.float32)

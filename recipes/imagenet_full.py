@@ -67,7 +67,7 @@ RECIPE = Recipe(
             mixup_alpha=0.1,  # RSB A3: Mixup 0.1 ...
             cutmix_alpha=1.0,  # ... and CutMix 1.0, switching with probability 0.5
             rand_augment_layers=2,  # RSB A3: RandAugment, 2 ops ...
-            rand_augment_magnitude=6,  # ... at magnitude 6
+            rand_augment_magnitude=18,  # ... at magnitude 6 of timm's 10 = 18 on our 0-30 scale
             res_px=160,  # RSB A3 trains at 160 px; ramp to 192 (FFCV's end resolution)
             res_px_end=192,
             res_ramp_epochs=(2, 13),
@@ -91,7 +91,7 @@ RECIPE = Recipe(
             label_smoothing=0.1,  # ... label smoothing 0.1
             ema_decay=0.9998,  # timm's ImageNet EMA default
             rand_augment_layers=2,  # keep RSB A3's RandAugment on the full data
-            rand_augment_magnitude=6,
+            rand_augment_magnitude=18,  # RSB A3 m6 (of 10), on our 0-30 scale
             res_px=192,  # FFCV's end resolution, ramping to the standard 224
             res_px_end=224,
             res_ramp_epochs=(0, 30),
