@@ -23,7 +23,7 @@ from nvidia.dali.pipeline import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from loaders import order
-from loaders.sources import ImageFolderSource
+from loaders.sources import ImageFolderSource, encoded_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +35,8 @@ _DRAWS = 5
 _JITTER_STREAM = 1  # brightness, contrast, saturation
 _JITTER_DRAWS = 3
 _RAND_AUGMENT_STREAM = 2  # per layer: which op, and the sign of its magnitude
+_CROP_STREAM = 3  # crop attempts 2.._CROP_ATTEMPTS: area and log-aspect each (attempt 1 is in stream 0)
+_CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 times before its centre-crop fallback
 _RAND_AUGMENT_BINS = 31  # magnitudes 0..30, torchvision's and DALI's RandAugment convention
 # Weights of torchvision's rgb_to_grayscale (ITU-R 601-2 luma), the centre of its contrast change.
 _GRAY = (0.299, 0.587, 0.114)
@@ -89,7 +91,36 @@ def augment_draws(num_samples: int, *, seed: int, epoch: int, aug: TrainAugment)
     if aug.rand_augment_layers > 0:
         count = 2 * aug.rand_augment_layers
         tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=count, stream=_RAND_AUGMENT_STREAM))
+    # Last, so the columns above keep their places whatever is switched on.
+    tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=2 * (_CROP_ATTEMPTS - 1), stream=_CROP_STREAM))
     return np.concatenate(tables, axis=1)
+
+
+def crop_windows(draws: np.ndarray, height: np.ndarray, width: np.ndarray, aug: TrainAugment) -> np.ndarray:
+    """torchvision's RandomResizedCrop windows (x0, y0, w, h) for a batch, from each sample's uniforms
+    and its stored image size: up to _CROP_ATTEMPTS (area, aspect) tries, the first that fits wins;
+    if none fits, the largest centred crop whose aspect lies in `crop_ratio`. Computed here rather than
+    in the graph: a few vectorised numpy lines cost less than the DALI arithmetic nodes they replace."""
+    extra = draws.shape[1] - 2 * (_CROP_ATTEMPTS - 1)  # the extra tries are the last columns
+    area_u = np.concatenate([draws[:, :1], draws[:, extra::2]], axis=1)
+    ratio_u = np.concatenate([draws[:, 1:2], draws[:, extra + 1 :: 2]], axis=1)
+    h, w = height[:, None].astype(np.float64), width[:, None].astype(np.float64)
+    lo, hi = aug.crop_scale
+    area = h * w * (lo + area_u * (hi - lo))
+    log_lo, log_hi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
+    ratio = np.exp(log_lo + ratio_u * (log_hi - log_lo))
+    try_w, try_h = np.sqrt(area * ratio), np.sqrt(area / ratio)
+    fits = (try_w <= w) & (try_h <= h)
+    first = fits.argmax(axis=1)
+    rows = np.arange(len(draws))
+    found = fits[rows, first]
+    # The fallback: the whole image, cut down to the nearest allowed aspect, centred.
+    crop_w = np.where(found, try_w[rows, first], np.minimum(w[:, 0], h[:, 0] * aug.crop_ratio[1]))
+    crop_h = np.where(found, try_h[rows, first], np.minimum(h[:, 0], w[:, 0] / aug.crop_ratio[0]))
+    frac_x = np.where(found, draws[:, 2], 0.5)
+    frac_y = np.where(found, draws[:, 3], 0.5)
+    x0, y0 = frac_x * (w[:, 0] - crop_w), frac_y * (h[:, 0] - crop_h)
+    return np.stack([x0, y0, crop_w, crop_h], axis=1).astype(np.float32)
 
 
 def jitter_factors(draws, strength: float):
@@ -193,32 +224,23 @@ def _build_train_pipeline(callback, *, batch_size, num_threads, device_id, decod
     # need the graph traced as a pipeline_def. Left off otherwise, so the graph without it is unchanged.
     @pipeline_def(enable_conditionals=aug.rand_augment_layers > 0)
     def graph():
-        jpegs, labels, draws, size = fn.external_source(
+        jpegs, labels, draws, size, window = fn.external_source(
             source=callback,
-            num_outputs=4,
+            num_outputs=5,
             batch=True,
             batch_info=True,
-            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT],
+            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.FLOAT],
         )
-        # Random-resized-crop computed in the graph from the image's header size and our draws
-        # (one attempt with clamping instead of torchvision's ten tries).
-        shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
-        height, width = shape[0], shape[1]
-        lo, hi = aug.crop_scale
-        area = height * width * (lo + draws[0] * (hi - lo))
-        log_lo, log_hi = math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])
-        ratio = dmath.exp(log_lo + draws[1] * (log_hi - log_lo))
-        crop_w = dmath.min(dmath.sqrt(area * ratio), width)
-        crop_h = dmath.min(dmath.sqrt(area / ratio), height)
-        anchor = fn.stack(draws[2] * (width - crop_w), draws[3] * (height - crop_h))
-        extent = fn.stack(crop_w, crop_h)
-        # ROI decoding: only the crop is decoded (on the GPU with "mixed").
+        # ROI decoding of the random-resized-crop window computed in `_feed` (x0, y0, w, h in pixels of
+        # the stored image): only the crop is decoded, on the GPU with "mixed". EXIF orientation is not
+        # applied, so the window matches the stored size (torchvision's ImageFolder does not apply it either).
         images = fn.decoders.image_slice(
             jpegs,
-            anchor,
-            extent,
+            window[0:2],
+            window[2:4],
             device=decode_device,
             output_type=types.RGB,
+            adjust_orientation=False,
             normalized_anchor=False,
             normalized_shape=False,
         )
@@ -264,7 +286,7 @@ def _build_eval_pipeline(callback, *, batch_size, num_threads, device_id, decode
         jpegs, labels = fn.external_source(
             source=callback, num_outputs=2, batch=True, batch_info=True, dtype=[types.UINT8, types.INT64]
         )
-        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=False)
         # timm's eval transform: shorter side to res/crop_fraction, then a centre crop of res.
         images = fn.resize(
             images,
@@ -386,11 +408,15 @@ class TrainLoader:
         chosen = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
         res_px = float(self.res_px_for_epoch(epoch))
         size = np.array([res_px, res_px], dtype=np.float32)
+        encoded = [self.source.read(i) for i in chosen]
+        heights, widths = np.array([encoded_size(data) for data in encoded]).T
+        windows = crop_windows(draws[chosen], heights, widths, self.augment)
         return (
-            [self.source.read(i) for i in chosen],
+            encoded,
             [np.array(self.source.labels[i], dtype=np.int64) for i in chosen],
             [draws[i] for i in chosen],
             [size] * len(chosen),
+            list(windows),
         )
 
     def _start_pipeline(self) -> None:

@@ -43,6 +43,41 @@ class ImageFolderSource:
         )
 
 
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def encoded_size(data: np.ndarray) -> tuple[int, int]:
+    """(height, width) of an encoded image as stored, from its header: a JPEG frame marker or a PNG
+    IHDR read directly (microseconds), anything else through PIL (which also reads only the header)."""
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    if raw[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 9 <= len(raw):
+            if raw[pos] != 0xFF:
+                break
+            marker = raw[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in _SOF_MARKERS:
+                return (raw[pos + 5] << 8) | raw[pos + 6], (raw[pos + 7] << 8) | raw[pos + 8]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                pos += 2
+                continue
+            pos += 2 + ((raw[pos + 2] << 8) | raw[pos + 3])
+    elif raw[:8] == b"\x89PNG\r\n\x1a\n":
+        return int.from_bytes(raw[20:24], "big"), int.from_bytes(raw[16:20], "big")
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return image.height, image.width
+    except Exception as err:  # noqa: BLE001 - any undecodable header is the same user error
+        raise DataError(f"cannot read the image header ({type(err).__name__}: {err})") from None
+
+
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 

@@ -70,10 +70,12 @@ def test_off_by_default_and_existing_draws_unchanged(train, plain):
     aug = TrainAugment()
     assert aug.color_jitter == 0 and aug.rand_augment_layers == 0
     base = order.augment_uniforms(96, seed=SEED, epoch=0, count=5)
-    assert np.array_equal(augment_draws(96, seed=SEED, epoch=0, aug=aug), base)
-    # Turning augmentations on appends columns: the crop and flip draws of a seed stay as they were.
+    plain_draws = augment_draws(96, seed=SEED, epoch=0, aug=aug)
+    assert plain_draws.shape == (96, 5 + 18) and np.array_equal(plain_draws[:, :5], base)  # + 9 more crop tries
+    # Turning augmentations on inserts their columns: the crop and flip draws of a seed stay as they were.
     both = augment_draws(96, seed=SEED, epoch=0, aug=TrainAugment(color_jitter=0.4, rand_augment_layers=2))
-    assert both.shape == (96, 5 + 3 + 4) and np.array_equal(both[:, :5], base)
+    assert both.shape == (96, 5 + 3 + 4 + 18) and np.array_equal(both[:, :5], base)
+    assert np.array_equal(both[:, -18:], plain_draws[:, -18:])
     # Zero strength or zero layers means no op in the graph at all (the magnitude alone changes nothing).
     off = TrainAugment(color_jitter=0.0, rand_augment_layers=0, rand_augment_magnitude=30)
     assert torch.equal(_epoch(_loader(train, off)), plain)

@@ -199,3 +199,34 @@ def test_channels_last_output_is_a_free_view(tiny_imagenet):
     images, _ = next(_loader(train, channels_last=True).epoch_batches(0))
     assert images.shape == (8, 3, 32, 32)
     assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_crop_windows_follow_torchvision_random_resized_crop():
+    """Aspect within bounds, inside the image, mean area like torchvision's sampler (rejection, not
+    clamping), and the centred fallback for images no try fits."""
+    from loaders.dali import crop_windows
+
+    rng = np.random.default_rng(0)
+    aug = TrainAugment()
+    draws = rng.random((20000, 5 + 18)).astype(np.float32)
+    height, width = np.full(20000, 350), np.full(20000, 400)
+    x0, y0, w, h = crop_windows(draws, height, width, aug).T.astype(np.float64)
+    assert (x0 >= 0).all() and (y0 >= 0).all()
+    assert (x0 + w <= width + 1e-3).all() and (y0 + h <= height + 1e-3).all()
+    assert ((w / h >= 0.75 - 1e-4) & (w / h <= 4 / 3 + 1e-4)).all()
+    assert 0.45 < float((w * h / (height * width)).mean()) < 0.50  # torchvision: ~0.47 here
+    # A 1000x50 strip: no try fits, so the largest centred 4:3 crop.
+    (fx, fy, fw, fh), = crop_windows(draws[:1], np.array([50]), np.array([1000]), aug)
+    assert (fw, fh) == pytest.approx((50 * 4 / 3, 50)) and fx == pytest.approx((1000 - fw) / 2)
+
+
+def test_encoded_size_reads_headers(tmp_path):
+    from loaders.sources import encoded_size
+
+    for suffix, size in ((".jpg", (37, 81)), (".png", (64, 20)), (".webp", (10, 12))):
+        path = tmp_path / f"x{suffix}"
+        Image.new("RGB", (size[1], size[0]), (9, 99, 199)).save(path)
+        assert encoded_size(np.fromfile(path, dtype=np.uint8)) == size
+    progressive = tmp_path / "p.jpg"
+    Image.new("RGB", (300, 200)).save(progressive, progressive=True)
+    assert encoded_size(np.fromfile(progressive, dtype=np.uint8)) == (200, 300)
