@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -183,6 +184,11 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
     train_src, val_src = splits.train, splits.val
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb" if recipe.logging.wandb else None)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` sets OMP_NUM_THREADS=1, which on a CPU-only run leaves cores idle
+        # (the quickstart ran 1.7x slower): share this machine's cores among its processes instead.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
     # Every process must agree on the folder (timestamps differ by a second across processes).
     found = [_find_run_dir(recipe, run_dir, resume) if accelerator.is_main_process else None]
     broadcast_object_list(found)
