@@ -151,6 +151,9 @@ def test_hf_dataset_source_matches_the_folder_source(tmp_path, tiny_imagenet):
 
     datasets.DatasetDict({"train": as_dataset(folder_train), "validation": as_dataset(folder_val)}).save_to_disk(str(tmp_path / "ds"))
     hf_train, hf_val = hf_splits(f"hf:{tmp_path / 'ds'}", 0.2, 0)
+    as_dataset(folder_train).to_parquet(str(tmp_path / "train.parquet"))
+    parquet_train, parquet_val = hf_splits(f"hf:{tmp_path / 'train.parquet'}", 0.25, 0)  # no val split: stratified
+    assert parquet_train.classes == folder_train.classes and len(parquet_val) == 24
     assert hf_train.classes == folder_train.classes and len(hf_val) == len(folder_val)
     args = dict(batch_size=8, seed=3, res_px_for_epoch=lambda e: 32, decode_device="cpu", num_threads=1)
     for (x, y), (hx, hy) in zip(TrainLoader(folder_train, **args).epoch_batches(0), TrainLoader(hf_train, **args).epoch_batches(0)):
@@ -172,6 +175,14 @@ def test_frozen_backbone_is_unchanged_and_bn_stats_stay(tmp_path, tiny_imagenet,
         if not name.startswith("fc."):  # everything but the head, BatchNorm statistics included
             assert torch.equal(after[name], tensor), name
     assert "fc.0.weight" in after and after["fc.3.weight"].shape == (512, 3)[::-1]
+
+
+def test_missing_pretrained_weights_say_how_to_provide_them(tmp_path, tiny_imagenet, run_env):
+    env = {**run_env, "HF_HOME": str(tmp_path / "empty-hf"), "HF_HUB_OFFLINE": "1"}
+    done = run_recipe("folder_transfer.py", "--data", str(tiny_imagenet), "--run-dir", str(tmp_path / "run"),
+                      env=env, sets=SMALL + _sets(0, 1) + _sets(1, 1))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no pretrained weights for 'resnet10t'" in done.stderr and "model.pretrained_file" in done.stderr
 
 
 def test_early_stopping_ends_the_phase(tmp_path, tiny_imagenet, run_env):

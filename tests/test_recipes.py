@@ -68,7 +68,7 @@ def test_folder_transfer_two_phases(tmp_path, tiny_imagenet, run_env, pretrained
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"pretrained resnet10t from {pretrained_weights}" in done.stdout
     assert "new head" in done.stdout
-    assert "unfroze a stage" in done.stdout
+    assert "[finetune 2/3] unfroze a stage" in done.stdout  # unfreeze_at=1: the second epoch
     assert [h["phase"] for h in _history(run_dir)] == ["head", "finetune", "finetune", "finetune"]
 
 
