@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean browser
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# tests/test_space.py drives Debian's chromium through playwright (never `playwright install`: no browser
+# downloads). CI runs as root; a machine that has chromium skips this.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
 demo: $(VENV)/.installed
 	$(BIN)/accelerate launch --config_file accelerate_config.yaml recipes/quickstart.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed

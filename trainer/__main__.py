@@ -1,10 +1,11 @@
-"""`python -m trainer <command>`: tools that work on a recipe file without training it (lr-find so far)."""
+"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import importlib.util
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -109,13 +110,132 @@ def run_lr_find(args: argparse.Namespace) -> None:
     print(f"series: {json_path}")
 
 
+# -- export and predict ----------------------------------------------------------------------------
+
+
+def add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a run's bundle: model.safetensors, config.json, model card, inference.py, examples",
+        description="Export the best weights of a run (the last phase's best checkpoint; its EMA weights when "
+        "they scored better) as a bundle that loads with torch, timm and safetensors alone.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holds run.json and recipe.json)")
+    parser.add_argument("--out", metavar="DIR", help="bundle folder (default: RUN_DIR/bundle); a bundle there is replaced")
+    parser.set_defaults(command=run_export, check=lambda args: None)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from trainer.export import export
+
+    print(export(args.run_dir, args.out))
+
+
+def add_predict(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify images with a bundle: top-k classes, optional Grad-CAM overlay",
+        description="Classify images with an exported bundle (the same preprocessing as the trainer's eval).",
+    )
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by export")
+    parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    parser.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    parser.add_argument("--gradcam", metavar="OUT.png", help="write the Grad-CAM overlay of the top class; with several images OUT-1.png, OUT-2.png, ...")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of {image, top: [{class, prob}]} instead of a table")
+    parser.set_defaults(command=run_predict, check=functools.partial(check_predict, parser))
+
+
+def check_predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.topk < 1:
+        parser.error(f"--topk must be >= 1, got {args.topk}")
+
+
+def gradcam_paths(out: str, count: int) -> list[Path]:
+    """OUT.png for one image; OUT-1.png, OUT-2.png, ... (in argument order) for several."""
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{n}{path.suffix or '.png'}") for n in range(1, count + 1)]
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from trainer.export import BundleError
+    from trainer.inference import gradcam, load_bundle, predict
+
+    try:
+        bundle = load_bundle(args.bundle)
+    except (OSError, ValueError, KeyError) as err:
+        raise BundleError(f"cannot load bundle {args.bundle}: {err}") from None
+    images = []
+    for name in args.images:
+        try:
+            with Image.open(name) as image:
+                image.load()
+                images.append(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as err:
+            raise BundleError(f"cannot read image {name}: {err}") from None
+    results = predict(bundle, images, topk=args.topk)
+    cams = gradcam_paths(args.gradcam, len(images)) if args.gradcam else [None] * len(images)
+    records = []
+    for name, image, top, cam_path in zip(args.images, images, results, cams):
+        record = {"image": name, "top": [{"class": c, "prob": p} for c, p in top]}
+        if cam_path is not None:
+            _, overlay = gradcam(bundle, image)
+            cam_path.parent.mkdir(parents=True, exist_ok=True)
+            overlay.save(cam_path)
+            record["gradcam"] = str(cam_path)
+        records.append(record)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    for record in records:
+        print(record["image"])
+        for rank, item in enumerate(record["top"], 1):
+            print(f"  {rank:>2}. {item['prob']:7.2%}  {item['class']}")
+        if "gradcam" in record:
+            print(f"  grad-cam: {record['gradcam']}")
+
+
+# -- push ------------------------------------------------------------------------------------------
+
+
+def add_push(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a run's bundle to a Hub model repo and its demo to a Gradio Space",
+        description="Export RUN_DIR if its bundle is missing or older than the run, create the Space (Gradio SDK) "
+        "and the model repo if missing, and upload. Without --model-repo the bundle goes into the Space itself. "
+        "The token comes from HF_TOKEN or `hf auth login`; it is never printed.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a bundle folder)")
+    parser.add_argument("--space", required=True, metavar="USER/NAME", help="the Space to create or update")
+    parser.add_argument("--model-repo", metavar="USER/NAME", help="also upload the bundle to this model repo; the Space loads it from there")
+    parser.add_argument("--private", action="store_true", help="create the repos private (existing repos keep their visibility)")
+    parser.set_defaults(command=run_push, check=lambda args: None)
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from trainer.hub import PushError, push
+
+    try:
+        urls = push(args.run_dir, args.space, args.model_repo, private=args.private, report=functools.partial(print, flush=True))
+    except PushError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"Space: {urls['space_url']}")
+    if "model_url" in urls:
+        print(f"model repo: {urls['model_url']}")
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
-SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find,)  # a new subcommand: one more add_<name> here
+SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find, add_export, add_predict, add_push)  # a new subcommand: one more add_<name> here
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Tools that work on a recipe file.")
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Tools around recipes and runs.")
     subparsers = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)

@@ -158,3 +158,32 @@ def best_checkpoint(checkpoints_dir: Path) -> Path | None:
     scored = [(read_state(p), p) for p in complete_checkpoints(checkpoints_dir)]
     scored = [(s["val_top1"], s["total_step"], p) for s, p in scored if s.get("val_top1") is not None]
     return max(scored)[2] if scored else None
+
+
+def phase_checkpoint(phase_dir: Path) -> Path | None:
+    """The checkpoint a phase hands on: its best by val top-1, else its newest complete one, else None."""
+    checkpoints = Path(phase_dir) / "checkpoints"
+    best = best_checkpoint(checkpoints)
+    if best is not None:
+        return best
+    found = complete_checkpoints(checkpoints)
+    return max(found, key=lambda p: read_state(p)["total_step"]) if found else None
+
+
+EMA_FILE = "custom_checkpoint_0.pkl"  # accelerate's file for the first registered object: our Resumable
+
+
+def checkpoint_weights(checkpoint_dir: Path) -> tuple[dict, str, str]:
+    """The better weights of a checkpoint: (state dict, "ema" or "model", a description). The EMA's
+    when its val top-1 at that checkpoint beat the model's and it was saved, else the model's."""
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = Path(checkpoint_dir)
+    scores = read_state(ckpt).get("last_val", {})
+    ema_file = ckpt / EMA_FILE
+    if scores.get("ema_top1") is not None and scores["ema_top1"] > scores.get("top1", -1) and ema_file.exists():
+        ema = torch.load(ema_file, map_location="cpu", weights_only=False)["ema"]
+        state = {k.removeprefix("module."): v for k, v in ema.items()}
+        return state, "ema", f"EMA weights of {ckpt} (EMA top-1 {scores['ema_top1']:.4f} > model {scores['top1']:.4f})"
+    return load_file(str(ckpt / "model.safetensors")), "model", f"weights of {ckpt}"

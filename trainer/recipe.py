@@ -208,6 +208,33 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise RecipeError(f"{where}: unknown keys {unknown}; valid keys: {', '.join(valid)}")
+    values = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            value = _from_dict(typ, value, f"{where}.{name}")
+        elif typing.get_origin(typ) is tuple:
+            args = typing.get_args(typ)
+            if args and dataclasses.is_dataclass(args[0]):  # phases
+                value = tuple(_from_dict(args[0], item, f"{where}.{name}.{i}") for i, item in enumerate(value))
+            else:  # JSON lists back to tuples: (0.08, 1.0), unfreeze_at
+                value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """The inverse of `Recipe.to_dict()` (e.g. a run's recipe.json): tuples come back from JSON lists,
+    validation runs again, and keys this version does not know are an error."""
+    return _from_dict(Recipe, data, "recipe")
+
+
 # -- overrides -------------------------------------------------------------------------------------
 
 

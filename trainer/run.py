@@ -21,7 +21,14 @@ from loaders.digits import resolve_data_path
 from loaders.hf import PREFIX as HF_PREFIX
 from loaders.hf import hf_splits
 from loaders.sources import DataError, image_folder_splits, stratified_split
-from trainer.checkpoint import Resumable, TrainState, best_checkpoint, newest_checkpoint, read_state
+from trainer.checkpoint import (
+    Resumable,
+    TrainState,
+    checkpoint_weights,
+    newest_checkpoint,
+    phase_checkpoint,
+    read_state,
+)
 from trainer.loop import Splits, train_phase
 from trainer.recipe import Phase, Recipe, RecipeError, apply_overrides
 from trainer.tracking import RunLog, start_trackers
@@ -147,18 +154,10 @@ def initialize(model: torch.nn.Module, recipe: Recipe, phase: Phase, run_path: P
         return "weights carried over"
     if init.startswith("phase:"):
         source = init[len("phase:"):]
-        ckpt = best_checkpoint(run_path / source / "checkpoints") or newest_checkpoint(run_path / source)
+        ckpt = phase_checkpoint(run_path / source)
         if ckpt is None:
             raise InitError(f"phase {phase.name!r}: init {init!r} but phase {source!r} left no checkpoint in {run_path / source}")
-        scores = read_state(ckpt).get("last_val", {})
-        ema_file = ckpt / "custom_checkpoint_0.pkl"
-        if scores.get("ema_top1") is not None and scores["ema_top1"] > scores.get("top1", -1) and ema_file.exists():
-            ema = torch.load(ema_file, map_location="cpu", weights_only=False)["ema"]
-            state = {k.removeprefix("module."): v for k, v in ema.items()}
-            what = f"EMA weights of {ckpt} (EMA top-1 {scores['ema_top1']:.4f} > model {scores['top1']:.4f})"
-        else:
-            state = read_state_file(ckpt / "model.safetensors")
-            what = f"weights of {ckpt}"
+        state, _, what = checkpoint_weights(ckpt)
     elif init == "pretrained":
         path = pretrained_file(recipe.model.arch, recipe.model.pretrained_file)
         state, what = read_state_file(path), f"pretrained {recipe.model.arch} from {path}"

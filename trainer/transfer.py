@@ -17,6 +17,7 @@ from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from timm.optim._param_groups import param_groups_weight_decay
 
+from trainer.inference import classifier_path, make_head
 from trainer.recipe import Phase, RecipeError
 
 
@@ -24,11 +25,7 @@ class InitError(RecipeError):
     """Initial weights cannot be found or do not fit the model; the message says how to provide them."""
 
 
-# -- heads -----------------------------------------------------------------------------------------
-
-
-def classifier_path(model: torch.nn.Module) -> str:
-    return model.pretrained_cfg.get("classifier", "fc") if hasattr(model, "pretrained_cfg") else "fc"
+# -- heads (make_head and classifier_path live in trainer/inference.py, which bundles carry) --------
 
 
 def _get(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -38,21 +35,6 @@ def _get(model: torch.nn.Module, path: str) -> torch.nn.Module:
 def _set(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
-
-
-def make_head(in_features: int, num_classes: int, spec: str, dropout: float) -> torch.nn.Module:
-    """"linear" → Linear; "mlp:512" → Linear(in, 512), ReLU, Dropout, Linear(512, classes)."""
-    if spec == "linear":
-        return torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(in_features, num_classes)) if dropout else torch.nn.Linear(in_features, num_classes)
-    if spec.startswith("mlp:"):
-        hidden = int(spec.split(":", 1)[1])
-        return torch.nn.Sequential(
-            torch.nn.Linear(in_features, hidden),
-            torch.nn.ReLU(inplace=True),
-            torch.nn.Dropout(dropout),
-            torch.nn.Linear(hidden, num_classes),
-        )
-    raise RecipeError(f'head must be "", "linear" or "mlp:<hidden units>", got {spec!r}')
 
 
 def _in_features(head: torch.nn.Module) -> int:

@@ -1,0 +1,226 @@
+"""Export and predict: a trained run becomes a bundle (safetensors, config, model card, inference.py,
+examples) that loads without this repository and predicts as the trainer's eval scored it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import FAST, REPO, run_recipe
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from trainer.__main__ import main
+from trainer.checkpoint import EMA_FILE, phase_checkpoint, read_state
+from trainer.export import BundleError, export
+from trainer.inference import gradcam, load_bundle, predict
+from trainer.tracking import HISTORY, read_jsonl
+
+TRAIN = [*FAST, "phases.0.epochs=2", "phases.0.warmup_epochs=0", "logging.wandb=false"]  # quickstart: EMA on
+
+
+def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_imagenet, run_env) -> tuple[Path, Path]:
+    """(run folder, bundle): a 2-epoch resnet10t on the tiny folder, exported by `python -m trainer export`."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    done = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=run_env, sets=TRAIN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the command line, in this process: imports are paid once
+        assert main(["export", str(run_dir)]) == 0
+    bundle = Path(printed.getvalue().strip().splitlines()[-1])
+    assert bundle == run_dir / "bundle"
+    return run_dir, bundle
+
+
+def val_images(tiny_imagenet: Path) -> list[Path]:
+    return sorted((tiny_imagenet / "val").glob("*/*.JPEG"))
+
+
+def test_bundle_files_and_config(exported, tiny_imagenet):
+    run_dir, bundle = exported
+    for name in ("model.safetensors", "config.json", "README.md", "inference.py"):
+        assert (bundle / name).is_file(), name
+    assert (bundle / "inference.py").read_bytes() == (REPO / "trainer" / "inference.py").read_bytes()
+    config = json.loads((bundle / "config.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text())
+    assert config["architecture"] == "resnet10t" and config["num_classes"] == 3
+    assert config["classes"] == info["classes"] == sorted(p.name for p in (tiny_imagenet / "train").iterdir())
+    assert config["head"] == "" and config["input_size"] == [3, 32, 32] and config["interpolation"] == "bilinear"
+    assert config["mean"] == config["std"] == [0.5, 0.5, 0.5] and config["crop_fraction"] == 1.0  # the quickstart's
+    assert config["recipe"] == "quickstart" and config["commit"] == info["git"]["commit"] and config["format_version"] == 1
+    metrics = config["metrics"]
+    assert metrics["source"] in ("model", "ema") and 0 <= metrics["top1"] <= 1 and metrics["top5"] == 1.0  # 3 classes
+    assert set(metrics["phases"]) == {"main"} and metrics["phases"]["main"]["steps"] == info["phases"]["main"]["steps"]
+    for wnid in config["classes"]:  # 3 val images per class, the JPEG bytes as they were
+        copies = sorted((bundle / "examples" / wnid).glob("*.jpg"))
+        assert len(copies) == 3
+        originals = {p.read_bytes() for p in (tiny_imagenet / "val" / wnid).iterdir()}
+        assert all(c.read_bytes() in originals for c in copies)
+    card = (bundle / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\ntags:\n- image-classification\n- timm\n")
+    for part in ("## Data", "## Metrics per phase", "| main | 2 |", "## How to use", "## Limitations"):
+        assert part in card
+
+
+def test_safetensors_round_trip_equals_the_checkpoint_weights(exported, tmp_path):
+    run_dir, bundle = exported
+    config = json.loads((bundle / "config.json").read_text())
+    ckpt = phase_checkpoint(run_dir / "main")
+    weights = load_file(str(bundle / "model.safetensors"))
+    ema = {k.removeprefix("module."): v for k, v in torch.load(ckpt / EMA_FILE, map_location="cpu", weights_only=False)["ema"].items()}
+    expected = ema if config["metrics"]["source"] == "ema" else load_file(str(ckpt / "model.safetensors"))
+    assert weights.keys() == expected.keys() == timm.create_model("resnet10t", num_classes=3).state_dict().keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in weights)
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    native = timm.create_model(f"local-dir:{bundle}", pretrained=True)  # timm's own loader reads the bundle too
+    assert native.pretrained_cfg["label_names"] == config["classes"] and native.pretrained_cfg["crop_pct"] == 1.0
+    assert all(torch.equal(native.state_dict()[k], weights[k]) for k in weights)
+
+    # When the EMA scored better at that checkpoint, its weights are exported (the same rule as init="phase:...").
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("bundle"))
+    state_file = phase_checkpoint(copy / "main") / "trainer_state.json"
+    saved = read_state(state_file.parent)
+    for ema_better in (True, False):
+        saved["last_val"]["ema_top1"] = saved["last_val"]["top1"] + (0.1 if ema_better else -0.1)
+        state_file.write_text(json.dumps(saved))
+        out = export(copy, tmp_path / "bundle")  # the second export replaces the first
+        got = load_file(str(out / "model.safetensors"))
+        want = ema if ema_better else load_file(str(ckpt / "model.safetensors"))
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert json.loads((out / "config.json").read_text())["metrics"]["source"] == ("ema" if ema_better else "model")
+    assert not any(tmp_path.glob(".tmp-*"))
+    assert not all(torch.equal(ema[k], load_file(str(ckpt / "model.safetensors"))[k]) for k in ema)  # they did differ
+
+
+FRESH = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])  # the bundle's own inference.py
+    import inference
+    from PIL import Image
+    bundle = inference.load_bundle(sys.argv[1])
+    top = inference.predict(bundle, [Image.open(sys.argv[2])], topk=2)
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("trainer", "loaders", "accelerate") or m.startswith("nvidia.dali"))
+    print(json.dumps({"file": inference.__file__, "top": top, "heavy": heavy}))
+    """
+)
+
+
+def test_bundle_loads_in_a_fresh_process_without_this_repository(exported, tiny_imagenet, tmp_path):
+    _, bundle = exported
+    moved = shutil.copytree(bundle, tmp_path / "elsewhere")
+    image = val_images(tiny_imagenet)[0]
+    done = subprocess.run([sys.executable, "-I", "-c", FRESH, str(moved), str(image)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert Path(result["file"]) == moved / "inference.py" and result["heavy"] == []
+    expected = predict(load_bundle(bundle), [Image.open(image)], topk=2)[0]
+    assert [name for name, _ in result["top"][0]] == [name for name, _ in expected]
+    assert [p for _, p in result["top"][0]] == pytest.approx([p for _, p in expected], abs=1e-5)
+
+
+def test_predict_agrees_with_the_trainers_eval(exported, tiny_imagenet, run_env):
+    run_dir, bundle = exported
+    images = val_images(tiny_imagenet)
+    assert len(images) == 24
+    done = cli("predict", str(bundle), *map(str, images), "--json", "--topk", "3", env=run_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(done.stdout)
+    assert [r["image"] for r in records] == list(map(str, images))
+    assert all(len(r["top"]) == 3 and r["top"][0]["prob"] >= r["top"][1]["prob"] for r in records)
+    assert all(sum(t["prob"] for t in r["top"]) == pytest.approx(1.0, abs=1e-4) for r in records)  # 3 classes
+    correct = sum(r["top"][0]["class"] == Path(r["image"]).parent.name for r in records)
+    metrics = json.loads((bundle / "config.json").read_text())["metrics"]
+    record = next(r for r in read_jsonl(run_dir / HISTORY) if r["phase"] == "main" and r["epoch"] == metrics["epoch"])
+    trainer_top1 = record["ema_val_top1" if metrics["source"] == "ema" else "val_top1"]
+    assert trainer_top1 == pytest.approx(metrics["top1"])
+    # PIL's resize and DALI's differ by a few grey levels: allow one image of 24 to flip.
+    assert abs(correct - round(trainer_top1 * 24)) <= 1, (correct, trainer_top1)
+
+
+def test_gradcam_heatmap_and_overlay(exported, tiny_imagenet, tmp_path, capsys):
+    _, bundle_dir = exported
+    bundle = load_bundle(bundle_dir)
+    image = Image.open(val_images(tiny_imagenet)[0])
+    heat, overlay = gradcam(bundle, image, class_index=0)
+    assert heat.shape == (32, 32) and heat.dtype == np.float32
+    assert heat.min() >= 0 and heat.max() <= 1 and heat.std() > 0.01
+    _, other = gradcam(bundle, image, class_index=1)
+    assert overlay.size == other.size == (32, 32) and overlay.mode == "RGB"
+    assert not np.array_equal(np.asarray(overlay), np.asarray(other))
+
+    # The command line: one image writes OUT.png, several OUT-1.png, OUT-2.png; the table names the classes.
+    images = [str(p) for p in val_images(tiny_imagenet)[:2]]
+    assert main(["predict", str(bundle_dir), images[0], "--gradcam", str(tmp_path / "one.png")]) == 0
+    assert re.findall(r"^ +(\d+)\. ", capsys.readouterr().out, re.M) == ["1", "2", "3"]  # --topk 5, 3 classes
+    assert main(["predict", str(bundle_dir), *images, "--gradcam", str(tmp_path / "cam.png"), "--topk", "2"]) == 0
+    table = capsys.readouterr().out
+    assert images[0] in table and images[1] in table and re.findall(r"^ +(\d+)\. ", table, re.M) == ["1", "2", "1", "2"]
+    assert Image.open(tmp_path / "one.png").size == (32, 32)
+    assert sorted(p.name for p in tmp_path.glob("cam*.png")) == ["cam-1.png", "cam-2.png"]
+
+
+def test_errors_exit_2_without_traceback(exported, tiny_imagenet, tmp_path, capsys):
+    run_dir, bundle = exported
+    image = str(val_images(tiny_imagenet)[0])
+    assert main(["predict", str(tmp_path / "no-bundle"), image]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot load bundle")
+    (tmp_path / "text.jpg").write_text("not an image")
+    assert main(["predict", str(bundle), str(tmp_path / "text.jpg")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot read image {tmp_path / 'text.jpg'}")
+    assert main(["export", str(tmp_path / "no-run")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    # Weights that do not fit the recipe's model: refused before anything is written.
+    broken = shutil.copytree(run_dir, tmp_path / "broken", ignore=shutil.ignore_patterns("bundle"))
+    recipe = json.loads((broken / "recipe.json").read_text())
+    recipe["model"]["arch"] = "resnet18"
+    (broken / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(BundleError, match="do not fit resnet18"):
+        export(broken)
+    assert not (broken / "bundle").exists() and not any(broken.glob(".tmp-*"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not a bundle"):  # never overwrites a folder that is not a bundle
+        export(run_dir, tmp_path / "mine")
+
+
+def test_mlp_head_model_exports_and_reloads(tmp_path, tiny_imagenet, run_env):
+    weights = tmp_path / "resnet10t.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=1000).state_dict(), str(weights))
+    sets = ["model.arch=resnet10t", f"model.pretrained_file={weights}", "logging.progress_bar=false", "logging.wandb=false"]
+    for p in ("phases.0", "phases.1"):
+        sets += [f"{p}.epochs=1", f"{p}.warmup_epochs=0", f"{p}.batch_size_per_device=8", f"{p}.res_px=32",
+                 f"{p}.eval_res_px=32", f"{p}.color_jitter=0"]
+    sets.append("phases.0.head=mlp:16")
+    run_dir = tmp_path / "run"
+    done = run_recipe("folder_transfer.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=run_env, sets=sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bundle = load_bundle(export(run_dir, tmp_path / "bundle"))
+    config = bundle.config
+    assert config["head"] == "mlp:16" and config["head_dropout"] == 0.2 and config["crop_fraction"] == 0.875
+    assert config["metrics"]["phase"] == "finetune" and set(config["metrics"]["phases"]) == {"head", "finetune"}
+    saved = load_file(str(tmp_path / "bundle" / "model.safetensors"))
+    assert {"fc.0.weight", "fc.3.weight"} <= saved.keys() and saved["fc.3.weight"].shape == (3, 16)
+    assert all(torch.equal(bundle.model.state_dict()[k], v) for k, v in saved.items())
+    top = predict(bundle, [Image.open(val_images(tiny_imagenet)[0])], topk=5)[0]
+    assert len(top) == 3 and {name for name, _ in top} == set(config["classes"])
+    heat, _ = gradcam(bundle, Image.open(val_images(tiny_imagenet)[0]))
+    assert 0 <= heat.min() and heat.max() <= 1
