@@ -189,6 +189,22 @@ def test_push_in_background_never_raises_and_records_the_outcome(pushed, run_env
     assert TOKEN not in done.stdout + done.stderr
 
 
+def test_a_recipe_pushes_when_training_ends(run_env, tiny_imagenet, tmp_path):
+    run_dir = tmp_path / "auto"
+    with HubServer(tmp_path / "store", token=TOKEN) as hub:
+        env = hub_env(run_env, hub, tmp_path / "home")
+        done = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=env,
+                          sets=FAST + ["phases.0.epochs=1", "phases.0.warmup_epochs=0", "push.space=tester/auto"])
+        OUTPUTS.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stderr[-3000:]
+        record = json.loads((run_dir / "push.json").read_text())
+        assert record["ok"] is True and record["urls"]["space_url"].endswith("/spaces/tester/auto")
+        files = hub.files("space", "tester/auto")
+    assert files["bundle/model.safetensors"] == (run_dir / "bundle" / "model.safetensors").read_bytes()
+    assert done.stdout.index("done. run folder") < done.stdout.index("push: done")  # after training, not before
+    assert TOKEN not in done.stdout + done.stderr
+
+
 def test_the_token_is_never_printed_or_written(pushed, run_dir):
     assert OUTPUTS, "no push ran"
     assert not [out for out in OUTPUTS if TOKEN in out]

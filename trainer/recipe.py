@@ -182,6 +182,20 @@ class Logging:
 
 
 @dataclass(frozen=True)
+class Push:
+    """Push the run to a Hugging Face Space when training ends, in the background (never blocks or fails training)."""
+
+    space: str = ""  # USER/NAME of the Space; "" = do not push
+    model_repo: str = ""  # USER/NAME of a model repo for the bundle; "" = the Space carries the bundle
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("space", "model_repo"):
+            value = getattr(self, name)
+            _check(not value or value.count("/") == 1, f"push.{name} must be USER/NAME, got {value!r}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     phases: tuple[Phase, ...]
@@ -190,6 +204,7 @@ class Recipe:
     seed: int = 0
     logging: Logging = field(default_factory=Logging)
     runs_root: str = "runs"  # run folders go to <runs_root>/<run_name>
+    push: Push = field(default_factory=Push)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "recipe name must be a non-empty folder name")

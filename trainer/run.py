@@ -268,6 +268,13 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
             raise RuntimeError(f"weights differ across processes after phase {phase.name}: {checksums}")
     accelerator.end_training()
     accelerator.print(f"done. run folder: {run_path}")
+    if recipe.push.space and accelerator.is_main_process:
+        from trainer.hub import push_in_background  # huggingface_hub only when pushing
+
+        # Training is over and saved; the upload runs beside this process's exit work and is waited for
+        # (huggingface_hub's thread pools refuse work once the interpreter shuts down). Failures never
+        # raise: they are printed and written to push.json, and the bundle stays local.
+        push_in_background(run_path, recipe.push.space, recipe.push.model_repo or None, recipe.push.private, report=accelerator.print).join()
     return run_path
 
 
