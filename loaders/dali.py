@@ -447,9 +447,6 @@ class TrainLoader:
         # The pipeline runs on into the next epoch: its first batches are already being prepared.
         self.epoch, self.batch = epoch + 1, 0
 
-    def res_px(self, epoch: int) -> int:
-        return int(self.res_px_for_epoch(epoch))
-
 
 class EvalLoader:
     """The eval set for one rank: each sample once across ranks, padding labelled -1."""

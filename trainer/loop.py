@@ -19,6 +19,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from loaders.dali import EvalLoader, TrainAugment, TrainLoader
+from loaders.hf import HFDatasetSource
 from loaders.sources import ImageFolderSource
 from trainer.checkpoint import Resumable, TrainState, read_state, save_checkpoint
 from trainer.metrics import evaluate
@@ -48,8 +49,10 @@ def autocast_for(precision: str, device: torch.device):
 
 @dataclass
 class Splits:
-    train: ImageFolderSource
-    val: ImageFolderSource
+    """Train and val sources: anything with `read(i)`, `labels`, `classes` and `subset()`."""
+
+    train: ImageFolderSource | HFDatasetSource
+    val: ImageFolderSource | HFDatasetSource
 
 
 def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, accelerator) -> tuple[TrainLoader, EvalLoader]:
