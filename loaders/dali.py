@@ -9,8 +9,9 @@ rebuilds the pipeline at (epoch, batch) and produces the same pixels as a run th
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,10 @@ from nvidia.dali.pipeline import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from loaders import order
-from loaders.sources import ImageFolderSource, encoded_size
+from loaders.checks import BadFile, Header, read_header
+from loaders.sources import DataError, ImageFolderSource
+
+_log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -306,6 +310,143 @@ def _build_eval_pipeline(callback, *, batch_size, num_threads, device_id, decode
     return pipe
 
 
+_DECODE_BATCH = 32
+_DECODE_BATCH_PIXELS = 100_000_000  # decoded pixels per batch (300 MB of RGB): huge images go a few at a time
+
+
+def _decoder(batch_size: int, num_threads: int) -> Pipeline:
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1, exec_dynamic=True)
+    with pipe:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        pipe.set_outputs(fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False))
+    pipe.build()
+    return pipe
+
+
+def _dali_reason(err: Exception) -> str:
+    """Why DALI's decoder failed, in its own words when it gives any (its "Failed to decode sample #0"
+    and "nvImageCodec failure: '#4'" say nothing; the codec's reason went to stderr, e.g. "CRC error")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    said = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else ""
+    if not said or said.startswith(("Failed to decode sample", "nvImageCodec failure", "Current pipeline")):
+        return "DALI's decoder fails on it: the image data are damaged (the header is fine)"
+    return f"DALI's decoder fails on it ({said})"
+
+
+def decode_failures(
+    samples: Sequence,
+    headers: Sequence[Header] | None = None,
+    *,
+    num_threads: int = 1,
+    progress: Callable[[int], object] | None = None,
+) -> dict[int, str]:
+    """{index: why} for the samples (encoded bytes, or file paths) that DALI's CPU decoder fails on.
+
+    A decode error invalidates a DALI pipeline, so samples go through in batches and a failed batch is
+    retried one sample at a time on fresh pipelines. `headers` (their sizes) keep a batch under
+    _DECODE_BATCH_PIXELS decoded pixels.
+    """
+    def load(sample) -> np.ndarray:
+        return np.fromfile(sample, dtype=np.uint8) if isinstance(sample, str) else np.asarray(sample, dtype=np.uint8)
+
+    groups, group, pixels = [], [], 0
+    for index in range(len(samples)):
+        size = headers[index].height * headers[index].width if headers is not None else 0
+        if group and (len(group) == _DECODE_BATCH or pixels + size > _DECODE_BATCH_PIXELS):
+            groups.append(group)
+            group, pixels = [], 0
+        group.append(index)
+        pixels += size
+    if group:
+        groups.append(group)
+
+    failures: dict[int, str] = {}
+    pipe = None
+    for group in groups:
+        loaded = {}
+        for index in group:
+            try:
+                loaded[index] = load(samples[index])
+            except OSError as err:
+                failures[index] = f"cannot read it ({type(err).__name__}: {err.strerror or err})"
+        batch = [i for i in group if i in loaded]
+        pipe = pipe or _decoder(_DECODE_BATCH, num_threads)
+        try:
+            if batch:
+                pipe.feed_input("encoded", [loaded[i] for i in batch])
+                pipe.run()
+        except RuntimeError:
+            pipe = None
+            for index in batch:
+                pipe = pipe or _decoder(_DECODE_BATCH, num_threads)
+                try:
+                    pipe.feed_input("encoded", [loaded[index]])
+                    pipe.run()
+                except RuntimeError as err:
+                    failures[index] = _dali_reason(err)
+                    pipe = None
+        if progress is not None:
+            progress(len(group))
+    return failures
+
+
+class _SampleGuard:
+    """What a loader's feed does about a sample the decoder would fail on (found by the structural check
+    on the bytes it just read, or by a DALI decode error): hands over a stand-in instead, so batch sizes,
+    and with them every rank's step count, stay the same. Each such sample is logged with its path."""
+
+    def __init__(self, source, what: str, rank: int) -> None:
+        self.source, self.what, self.rank = source, what, rank
+        self.bad: dict[int, str] = {}  # sample index -> why, in the order found
+        self._stand_in: tuple[int, np.ndarray, Header] | None = None
+
+    def read(self, index: int) -> tuple[np.ndarray, Header] | None:
+        """The sample's bytes and header, or None when it must be replaced."""
+        if index in self.bad:
+            return None
+        try:
+            data = self.source.read(index)
+            return data, read_header(data)
+        except (OSError, BadFile, DataError) as err:
+            self.mark(int(index), str(err))
+            return None
+
+    def mark(self, index: int, why: str) -> None:
+        if index in self.bad:
+            return
+        self.bad[index] = why
+        _log.warning(
+            "bad %s file replaced: %s (%s); %d so far on rank %d",
+            self.what, self.source.name(index), why, len(self.bad), self.rank,
+        )
+
+    def stand_in(self) -> tuple[int, np.ndarray, Header]:
+        """The first sample of the source that passes the check and decodes (a fixed choice: deterministic)."""
+        while self._stand_in is None:
+            index = next((i for i in range(len(self.source)) if i not in self.bad), None)
+            if index is None:
+                raise DataError(f"none of the {len(self.source)} {self.what} images can be decoded")
+            got = self.read(index)
+            if got is None:
+                continue
+            failed = decode_failures([got[0]])
+            if failed:
+                self.mark(index, failed[0])
+                continue
+            self._stand_in = (index, *got)
+        return self._stand_in
+
+    def find_undecodable(self, indices: Sequence[int], error: RuntimeError) -> None:
+        """After a DALI decode error: mark the samples among `indices` that fail alone; re-raise if none does."""
+        candidates = sorted({int(i) for i in indices if int(i) not in self.bad})
+        loaded = {i: got[0] for i in candidates if (got := self.read(i)) is not None}
+        failed = decode_failures(list(loaded.values()))
+        if not failed and len(loaded) == len(candidates):
+            raise error
+        for position, why in failed.items():
+            self.mark(list(loaded)[position], why)
+
+
 def _to_nchw(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     # NHWC from DALI viewed as NCHW is exactly torch's channels_last layout: no copy.
     return images.permute(0, 3, 1, 2) if channels_last else images
@@ -348,6 +489,7 @@ class TrainLoader:
         # With gradient accumulation an epoch holds whole accumulation groups only.
         full = order.train_batches_per_epoch(len(source), world_size, batch_size)
         self.batches_per_epoch = full - full % batch_multiple
+        self.batch_multiple = batch_multiple
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"{len(source)} training images over {world_size} process(es) do not fill one batch of "
@@ -357,6 +499,8 @@ class TrainLoader:
         self.batch = 0  # index of the next batch to hand out within self.epoch
         self._iterator = None
         self._cache_epoch = None
+        self.guard = _SampleGuard(source, "training", rank)
+        self._last_fed = -1  # flat position (epoch * batches_per_epoch + batch) of the newest batch fed
 
     # -- position, for checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -366,6 +510,7 @@ class TrainLoader:
             "seed": self.seed,
             "num_samples": len(self.source),
             "world_size": self.world_size,
+            "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -374,7 +519,16 @@ class TrainLoader:
                 f"checkpoint was written for seed {state['seed']} and {state['num_samples']} training "
                 f"images; this run has seed {self.seed} and {len(self.source)}. Resume with the same data and seed."
             )
-        self.seek(state["epoch"], state["batch"])
+        batch = state["batch"]
+        written = (state.get("world_size", self.world_size), state.get("batch_size", self.batch_size))
+        if written != (self.world_size, self.batch_size):
+            # Saved by another number of processes (or batch size). An epoch's order is one permutation
+            # dealt round-robin to the ranks, so the samples trained on are its first `done`, whatever
+            # the world size: go on after them (at most one new global batch of them is seen again).
+            done = batch * written[0] * written[1]
+            batch = min(done // (self.world_size * self.batch_size), self.batches_per_epoch - 1)
+            batch -= batch % self.batch_multiple  # a whole accumulation group
+        self.seek(state["epoch"], batch)
 
     def seek(self, epoch: int, batch: int = 0) -> None:
         """Position the stream so the next batch is `batch` of `epoch`; restarts the pipeline if needed."""
@@ -404,23 +558,58 @@ class TrainLoader:
 
     def _feed(self, info):
         epoch, batch = self._position(info.iteration)
+        self._last_fed = max(self._last_fed, epoch * self.batches_per_epoch + batch)
         indices, draws = self._epoch_tables(epoch)
         chosen = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
         res_px = float(self.res_px_for_epoch(epoch))
         size = np.array([res_px, res_px], dtype=np.float32)
-        encoded = [self.source.read(i) for i in chosen]
-        heights, widths = np.array([encoded_size(data) for data in encoded]).T
-        windows = crop_windows(draws[chosen], heights, widths, self.augment)
+        encoded, labels, heights, widths = [], [], [], []
+        self.guard.stand_in()  # chosen before any read: its search must not mark a sample already in the batch
+        for index in chosen:
+            got, label_index = self.guard.read(index), index
+            if got is None:  # a bad sample: the stand-in's bytes and label, with the bad sample's draws
+                label_index, *got = self.guard.stand_in()
+            data, header = got
+            encoded.append(data)
+            labels.append(np.array(self.source.labels[label_index], dtype=np.int64))
+            heights.append(header.height)
+            widths.append(header.width)
+        windows = crop_windows(draws[chosen], np.array(heights), np.array(widths), self.augment)
         return (
             encoded,
-            [np.array(self.source.labels[i], dtype=np.int64) for i in chosen],
+            labels,
             [draws[i] for i in chosen],
             [size] * len(chosen),
             list(windows),
         )
 
+    def _recover(self, error: RuntimeError) -> None:
+        """After a DALI decode error (the pipeline is then unusable): find the culprits among the batches
+        fed but not handed out, and mark them for replacement; the pipeline then restarts at the current
+        batch. Every sample is a pure function of (epoch, batch), so the restart yields what the run
+        would have yielded had the files been marked from the start."""
+        first = self.epoch * self.batches_per_epoch + self.batch
+        suspects = []
+        for flat in range(first, max(first, self._last_fed) + 1):
+            epoch, batch = divmod(flat, self.batches_per_epoch)
+            suspects.extend(self._epoch_tables(epoch)[0][batch * self.batch_size : (batch + 1) * self.batch_size])
+        self.guard.find_undecodable(suspects, error)
+
+    def _next_output(self) -> dict:
+        """The next batch from DALI, recovering from decode errors (DALIGenericIterator decodes its first
+        batch while it is built, so building the pipeline can fail too)."""
+        while True:
+            try:
+                if self._iterator is None:
+                    self._start_pipeline()
+                return next(self._iterator)[0]
+            except RuntimeError as error:  # a file the structural check let through failed to decode
+                self._iterator = None
+                self._recover(error)
+
     def _start_pipeline(self) -> None:
         self._start = (self.epoch, self.batch)
+        self._last_fed = self.epoch * self.batches_per_epoch + self.batch - 1
         pipe = _build_train_pipeline(
             self._feed,
             batch_size=self.batch_size,
@@ -437,10 +626,8 @@ class TrainLoader:
         """Yield the rest of `epoch` (from the current position when resuming into it)."""
         if epoch != self.epoch:
             self.seek(epoch, 0)
-        if self._iterator is None:
-            self._start_pipeline()
         while self.batch < self.batches_per_epoch:
-            out = next(self._iterator)[0]
+            out = self._next_output()
             # Advance before yielding so a checkpoint taken inside the step points at the next batch.
             self.batch += 1
             yield _to_nchw(out["images"], self.channels_last), out["labels"].view(-1)
@@ -485,24 +672,51 @@ class EvalLoader:
             channels_last=channels_last,
         )
         self._iterator = None
+        self.guard = _SampleGuard(source, "val", rank)
+        self._next_flat = 0  # batches handed out so far, over all passes
+        self._first_flat = 0  # the value of _next_flat when the pipeline started
+        self._last_fed = -1
 
     def _feed(self, info):
         # The iteration counter runs on across passes; each pass is num_batches long.
-        batch = info.iteration % self.num_batches
+        flat = self._first_flat + info.iteration
+        self._last_fed = max(self._last_fed, flat)
+        batch = flat % self.num_batches
         chosen = self.indices[batch * self.batch_size : (batch + 1) * self.batch_size]
-        # Padding decodes sample 0 again (cheap, keeps the batch full) and is labelled -1.
-        return (
-            [self.source.read(max(i, 0)) for i in chosen],
-            [np.array(self.source.labels[i] if i >= 0 else -1, dtype=np.int64) for i in chosen],
-        )
+        encoded, labels = [], []
+        self.guard.stand_in()  # chosen before any read, as in TrainLoader
+        for index in chosen:
+            # Padding decodes sample 0 again (cheap, keeps the batch full) and is labelled -1, not scored;
+            # so is a bad file, which decodes the stand-in instead.
+            got = self.guard.read(max(index, 0))
+            encoded.append(got[0] if got is not None else self.guard.stand_in()[1])
+            labels.append(np.array(self.source.labels[index] if index >= 0 and got is not None else -1, dtype=np.int64))
+        return encoded, labels
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def _start_pipeline(self) -> None:
+        self._first_flat = self._next_flat
+        self._last_fed = self._next_flat - 1
+        pipe = _build_eval_pipeline(self._feed, **self._pipe_args)
+        self._iterator = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._iterator is None:
-            pipe = _build_eval_pipeline(self._feed, **self._pipe_args)
-            self._iterator = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
         for _ in range(self.num_batches):
-            out = next(self._iterator)[0]
+            while True:
+                try:
+                    if self._iterator is None:
+                        self._start_pipeline()
+                    out = next(self._iterator)[0]
+                    break
+                except RuntimeError as error:  # as in TrainLoader: find the file, replace it, restart here
+                    self._iterator = None
+                    suspects = []
+                    for flat in range(self._next_flat, max(self._next_flat, self._last_fed) + 1):
+                        batch = flat % self.num_batches
+                        chosen = self.indices[batch * self.batch_size : (batch + 1) * self.batch_size]
+                        suspects.extend(np.maximum(chosen, 0))  # padding decodes sample 0
+                    self.guard.find_undecodable(suspects, error)
+            self._next_flat += 1
             yield _to_nchw(out["images"], self.channels_last), out["labels"].view(-1)

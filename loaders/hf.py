@@ -27,6 +27,7 @@ class HFDatasetSource:
     image_column: str
     labels: np.ndarray
     classes: tuple[str, ...]
+    findings: tuple = ()  # what the check before training found (loaders.checks.Finding)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -40,13 +41,18 @@ class HFDatasetSource:
             raise DataError(f"row {index} of the dataset has no image bytes in column {self.image_column!r}")
         return np.frombuffer(data, dtype=np.uint8)
 
+    def name(self, index: int) -> str:
+        """How logs and reports name sample `index`: its file if the dataset has paths, else its row."""
+        cell = self.dataset[int(index)][self.image_column]
+        return cell.get("path") or f"row {index} of the dataset"
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {name: int(c) for name, c in zip(self.classes, counts)}
 
     def subset(self, indices: np.ndarray) -> HFDatasetSource:
         indices = np.asarray(indices, dtype=np.int64)
-        return HFDatasetSource(self.dataset.select(indices), self.image_column, self.labels[indices], self.classes)
+        return HFDatasetSource(self.dataset.select(indices), self.image_column, self.labels[indices], self.classes, self.findings)
 
 
 def _columns(dataset) -> tuple[str, str]:

@@ -22,6 +22,9 @@ class ImageFolderSource:
     files: tuple[str, ...]
     labels: np.ndarray  # int64, one per file
     classes: tuple[str, ...]
+    # What the check before training found (loaders.checks.Finding): the files it left out, and the
+    # converted, huge and tiny ones it kept. Empty when the source was not screened.
+    findings: tuple = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -29,6 +32,10 @@ class ImageFolderSource:
     def read(self, index: int) -> np.ndarray:
         """The encoded bytes of sample `index`, as DALI's external source wants them."""
         return np.fromfile(self.files[index], dtype=np.uint8)
+
+    def name(self, index: int) -> str:
+        """How logs and reports name sample `index`: its path."""
+        return self.files[index]
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.classes))
@@ -40,49 +47,27 @@ class ImageFolderSource:
             files=tuple(self.files[i] for i in indices),
             labels=self.labels[indices],
             classes=self.classes,
+            findings=self.findings,
         )
 
 
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
 def encoded_size(data: np.ndarray) -> tuple[int, int]:
-    """(height, width) of an encoded image as stored, from its header: a JPEG frame marker or a PNG
-    IHDR read directly (microseconds), anything else through PIL (which also reads only the header)."""
-    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
-    if raw[:2] == b"\xff\xd8":
-        pos = 2
-        while pos + 9 <= len(raw):
-            if raw[pos] != 0xFF:
-                break
-            marker = raw[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            if marker in _SOF_MARKERS:
-                return (raw[pos + 5] << 8) | raw[pos + 6], (raw[pos + 7] << 8) | raw[pos + 8]
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-                pos += 2
-                continue
-            pos += 2 + ((raw[pos + 2] << 8) | raw[pos + 3])
-    elif raw[:8] == b"\x89PNG\r\n\x1a\n":
-        return int.from_bytes(raw[20:24], "big"), int.from_bytes(raw[16:20], "big")
-    import io
-
-    from PIL import Image
+    """(height, width) of an encoded image as stored, from its header (loaders.checks.read_header:
+    the JPEG frame header, PNG IHDR, BMP or WebP header, read in microseconds)."""
+    from loaders.checks import BadFile, read_header  # checks builds on this module
 
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            return image.height, image.width
-    except Exception as err:  # noqa: BLE001 - any undecodable header is the same user error
-        raise DataError(f"cannot read the image header ({type(err).__name__}: {err})") from None
+        header = read_header(data)
+    except BadFile as bad:
+        raise DataError(f"cannot read the image header ({bad})") from None
+    return header.height, header.width
 
 
-def _class_dirs(root: Path) -> list[Path]:
+def class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[str]:
+def image_files(folder: Path) -> list[str]:
     # os.scandir is several times faster than Path.rglob on ImageNet-sized folders.
     found = []
     for dirpath, _dirnames, filenames in os.walk(folder):
@@ -92,42 +77,57 @@ def _image_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def scan_image_folder(root: str | os.PathLike, classes: tuple[str, ...] | None = None) -> ImageFolderSource:
-    """Index `root/<class>/*.jpg`. With `classes` given, labels follow that list (train's)."""
-    root = Path(root)
+_CHECK_HINT = "python -m trainer check-data PATH lists every problem of a dataset at once"
+
+
+def _scan(root: Path, classes: tuple[str, ...] | None) -> tuple[ImageFolderSource, list[str], list[str]]:
+    """(source, empty class folders, class folders not in `classes`): layout problems are returned, not
+    raised, so that a train/val pair can report all of them in one message."""
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist; pass --data PATH to a folder of class folders")
-    dirs = _class_dirs(root)
+    dirs = class_dirs(root)
     if not dirs:
         raise DataError(
             f"{root} has no class folders; an ImageFolder is root/<class_name>/<image>.jpg "
             "(or root/train/<class>/... and root/val/<class>/...)"
         )
-    names = tuple(d.name for d in dirs)
-    if classes is None:
-        classes = names
-    else:
-        extra = sorted(set(names) - set(classes))
-        if extra:
-            raise DataError(
-                f"{root} has class folders that train does not have: {extra[:10]}; "
-                "every val class needs training images"
-            )
+    classes = tuple(d.name for d in dirs) if classes is None else classes
     files: list[str] = []
     labels: list[int] = []
-    empty = []
+    empty, extra = [], []
     for d in dirs:
-        found = _image_files(d)
+        if d.name not in classes:
+            extra.append(d.name)
+            continue
+        found = image_files(d)
         if not found:
             empty.append(str(d))
         files.extend(found)
         labels.extend([classes.index(d.name)] * len(found))
+    return ImageFolderSource(tuple(files), np.asarray(labels, dtype=np.int64), tuple(classes)), empty, extra
+
+
+def _layout_error(empty: list[str], extra: list[str], val_root: Path | None = None) -> DataError | None:
+    problems = []
     if empty:
-        raise DataError(
-            f"empty class folders (no {'/'.join(IMAGE_SUFFIXES)} files): {empty[:10]}; "
-            "add images or remove the folders"
+        problems.append(
+            f"empty class folders (no {'/'.join(IMAGE_SUFFIXES)} files): {empty[:10]}; add images or remove the folders"
         )
-    return ImageFolderSource(tuple(files), np.asarray(labels, dtype=np.int64), tuple(classes))
+    if extra:
+        problems.append(
+            f"{val_root} has class folders that train does not have: {extra[:10]}; every val class needs training images"
+        )
+    return DataError(f"{'; and '.join(problems)} ({_CHECK_HINT})") if problems else None
+
+
+def scan_image_folder(root: str | os.PathLike, classes: tuple[str, ...] | None = None) -> ImageFolderSource:
+    """Index `root/<class>/*.jpg`. With `classes` given, labels follow that list (train's)."""
+    root = Path(root)
+    source, empty, extra = _scan(root, classes)
+    error = _layout_error(empty, extra, root)
+    if error:
+        raise error
+    return source
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,11 +151,18 @@ def image_folder_splits(
     """(train, val) from `root/train` + `root/val`, or from one folder split by a seeded stratified fraction."""
     root = Path(root)
     if (root / "train").is_dir():
-        train = scan_image_folder(root / "train")
+        train, empty, _ = _scan(root / "train", None)
         if not (root / "val").is_dir():
+            if empty:
+                raise _layout_error(empty, [])
             train_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
             return train.subset(train_idx), train.subset(val_idx)
-        return train, scan_image_folder(root / "val", classes=train.classes)
+        # Train's and val's layout problems together, so one start shows them all.
+        val, val_empty, extra = _scan(root / "val", train.classes)
+        error = _layout_error(empty + val_empty, extra, root / "val")
+        if error:
+            raise error
+        return train, val
     everything = scan_image_folder(root)
     train_idx, val_idx = stratified_split(everything.labels, val_fraction, seed)
     return everything.subset(train_idx), everything.subset(val_idx)

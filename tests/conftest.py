@@ -62,6 +62,18 @@ FAST = [
 ]
 
 
+def two_cpu_launcher(port: int) -> list[str]:
+    """`accelerate launch` for 2 gloo processes on this CPU (with ACCELERATE_USE_CPU=1 in the env; a
+    plain `--cpu --num_processes 2` silently runs one). Each test takes its own port: tests may overlap."""
+    import shutil
+
+    return [
+        shutil.which("accelerate", path=str(REPO / ".venv" / "bin")) or "accelerate",
+        "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+    ]
+
+
 def recipe_command(recipe: str, *args: str, sets: list[str] = (), launcher: list[str] | None = None) -> list[str]:
     cmd = list(launcher) if launcher else [sys.executable]
     cmd += [str(REPO / "recipes" / recipe), *args]
@@ -76,3 +88,60 @@ def run_recipe(recipe: str, *args: str, env: dict, sets: list[str] = (), launche
         env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
     return done
+
+
+# Per-epoch records that measure time, not training: they differ between any two runs.
+TIMING_KEYS = frozenset({"images_per_s", "data_wait_share", "step_ms_p50", "step_ms_p90", "step_ms_p99", "gpu_mem_gib"})
+
+
+def history_without_timings(run_dir: Path) -> list[dict]:
+    import json
+
+    lines = (Path(run_dir) / "history.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+
+# A 3-epoch run with mid-epoch checkpoints, EMA, warmup and stochastic depth: what the interrupted
+# runs (SIGKILL, SIGTERM, a full disk) are compared against, bit for bit.
+RESUME_SETS = FAST + [
+    "phases.0.epochs=3",
+    "phases.0.res_px=48",
+    "phases.0.checkpoint_every_steps=4",
+    "phases.0.ema_decay=0.9",
+    "phases.0.warmup_epochs=1",
+    "model.drop_path_rate=0.1",  # draws from the torch RNG every step: its state must be restored too
+    "logging.wandb=false",
+]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_imagenet, run_env, tmp_path_factory) -> Path:
+    """The uninterrupted run of RESUME_SETS on tiny_imagenet (36 steps), shared by the resume tests."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    done = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=run_env, sets=RESUME_SETS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def final_checkpoint(run_dir: Path, phase: str = "main"):
+    """(weights, EMA weights, trainer state) of the newest checkpoint of `phase`."""
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import complete_checkpoints, read_state
+
+    last = max(complete_checkpoints(Path(run_dir) / phase / "checkpoints"), key=lambda p: read_state(p)["total_step"])
+    parts = torch.load(last / "custom_checkpoint_0.pkl", weights_only=False)
+    return load_file(last / "model.safetensors"), parts.get("ema"), read_state(last)
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    import torch
+
+    (wa, ea, sa), (wb, eb, sb) = final_checkpoint(run_a), final_checkpoint(run_b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    for name in ea or {}:
+        assert torch.equal(ea[name], eb[name]), f"ema {name}"
+    assert sa["total_step"] == sb["total_step"] and sa["best_top1"] == sb["best_top1"]

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
-from conftest import FAST, REPO, run_recipe
+from conftest import FAST, run_recipe, two_cpu_launcher
 
 
 def test_two_cpu_processes_train_in_lockstep(tmp_path, tiny_imagenet, run_env):
-    launcher = [
-        shutil.which("accelerate", path=str(REPO / ".venv" / "bin")) or "accelerate",
-        "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-    ]
+    launcher = two_cpu_launcher(29517)
     env = {**run_env, "ACCELERATE_USE_CPU": "1"}
     run_dir = tmp_path / "ddp"
     sets = FAST + ["phases.0.epochs=2", "phases.0.ema_decay=0.9", "phases.0.batch_size_per_device=5"]

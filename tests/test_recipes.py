@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import timm
-from conftest import REPO, run_recipe
+from conftest import run_recipe, two_cpu_launcher
 from safetensors.torch import save_file
 
 SMALL = ["model.arch=resnet10t", "logging.progress_bar=false", "logging.log_every_steps=1", "data.loader_threads=1"]
@@ -32,11 +31,7 @@ def _history(run_dir):
 
 
 def test_imagenet_full_three_phases_in_two_processes(tmp_path, tiny_imagenet, run_env):
-    launcher = [
-        shutil.which("accelerate", path=str(REPO / ".venv" / "bin")) or "accelerate",
-        "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
-    ]
+    launcher = two_cpu_launcher(29523)
     sets = SMALL + ["model.channels_last=false"]
     sets += _phase_sets(0, 2, 4) + ["phases.0.res_px_end=48", "phases.0.res_ramp_epochs=0,1", "phases.0.res_step_px=16"]
     sets += _phase_sets(1, 2, 4) + ["phases.1.res_px_end=48", "phases.1.res_ramp_epochs=0,1", "phases.1.res_step_px=16"]

@@ -82,3 +82,23 @@ def test_wandb_offline_files_hold_the_metrics_and_config(short_run):
     assert config["phases"][0]["epochs"] == 3 and config["git"]["commit"]
     info = json.loads((run_dir / "run.json").read_text())
     assert run_file.name == f"run-{info['wandb_id']}.wandb"
+
+
+def test_throughput_report_per_epoch_and_at_the_end(short_run):
+    run_dir, done = short_run
+    lines = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    for r in lines:
+        assert 0 <= r["data_wait_share"] < 1
+        assert 0 < r["step_ms_p50"] <= r["step_ms_p90"] <= r["step_ms_p99"]
+        assert r["skipped_steps"] == 0
+    # The end-of-run screen: one line for the phase, and a verdict that matches the figures.
+    summary = json.loads((run_dir / "run.json").read_text())["throughput"]["main"]
+    mean_wait = sum(r["data_wait_share"] for r in lines) / len(lines)
+    assert summary["data_wait_share"] == pytest.approx(mean_wait)
+    assert summary["bottleneck"] == ("loader" if mean_wait >= 0.10 else "model")
+    assert "throughput (per phase, mean over epochs):" in done.stdout
+    assert f"the {summary['bottleneck']} was the bottleneck" in done.stdout
+    (run_file,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    logged = [r for r in wandb_files.history(run_file) if "system/data_wait_share" in r]
+    assert [r["system/data_wait_share"] for r in logged] == pytest.approx([r["data_wait_share"] for r in lines])
+    assert all("system/step_ms_p90" in r for r in logged)

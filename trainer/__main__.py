@@ -1,4 +1,4 @@
-"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push."""
+"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare."""
 
 from __future__ import annotations
 
@@ -229,9 +229,171 @@ def run_push(args: argparse.Namespace) -> None:
         print(f"model repo: {urls['model_url']}")
 
 
+# -- eval ------------------------------------------------------------------------------------------
+
+
+def add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a run's best checkpoint (model and EMA) or a bundle: top-1/5, P/R/F1, per class, confusion",
+        description="Evaluate the best checkpoint of a run's last phase (its model and its EMA weights) or a "
+        "bundle on the val (or train) split, with training's own eval loader. Prints a table and writes the "
+        "eval JSON (the schema of <run>/<phase>/eval.json). Works under accelerate launch; each image counts once.",
+    )
+    parser.add_argument("path", metavar="RUN_DIR|BUNDLE", help="a run folder (holds run.json) or a bundle folder (holds config.json)")
+    parser.add_argument("--data", help="dataset folder (default: the run's data; a bundle outside a run needs it)")
+    parser.add_argument("--split", choices=("val", "train"), default="val", help="which split to score (default: val)")
+    parser.add_argument("--out", metavar="FILE.json", help="where the JSON goes (default: RUN_DIR|BUNDLE/eval-<split>.json)")
+    parser.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
+    parser.set_defaults(command=run_eval, check=lambda args: None)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from trainer.evaluation import evaluate_saved, format_report
+    from trainer.tracking import write_eval_json
+
+    record = evaluate_saved(args.path, args.data, args.split)
+    if not PartialState().is_main_process:  # under accelerate launch every process scored its share
+        return
+    out = Path(args.out) if args.out else Path(args.path) / f"eval-{args.split}.json"
+    write_eval_json(out, record)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        print(f"written: {out}", file=sys.stderr)
+    else:
+        print(format_report(record))
+        print(f"\nwritten: {out}")
+
+
+# -- report and compare ----------------------------------------------------------------------------
+
+
+def add_report(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="an HTML page about a run: metrics, curves, confusion matrix, best/worst predictions with Grad-CAM",
+        description="Write RUN_DIR/report/index.html (opens from disk, images beside it): each phase's eval.json, "
+        "the training curves, the confusion heatmap and most confused pairs, and per class the best and worst of a "
+        "few val images with Grad-CAM, predicted by the run's bundle (exported first when missing or stale).",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holds run.json and recipe.json)")
+    parser.add_argument("--out", metavar="DIR", help="report folder (default: RUN_DIR/report); a report there is replaced")
+    parser.add_argument("--per-class", type=int, default=8, metavar="N", help="val images scored per class for the galleries (default: 8)")
+    parser.add_argument("--data", metavar="PATH", help="the val data, when the run's data.path is not readable here")
+    parser.set_defaults(command=run_report, check=functools.partial(check_report, parser))
+
+
+def check_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.per_class < 1:
+        parser.error(f"--per-class must be >= 1, got {args.per_class}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from trainer.report import write_report
+
+    result = write_report(args.run_dir, args.out, per_class=args.per_class, data=args.data)
+    for note in result.notes:
+        print(note)
+    print(result.index_html)
+
+
+def add_compare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="runs side by side: best top-1/top-5, epochs, wall time, images/s, parameters; val top-1 plot",
+        description="Print one line per run (best val top-1 of model or EMA and best top-5 from history.jsonl, "
+        "epochs, wall time from run.json, mean images/s, parameter count) and plot val top-1 per epoch, overlaid.",
+    )
+    parser.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run folders")
+    parser.add_argument("--out", default="compare.png", help="plot path (default: compare.png)")
+    parser.set_defaults(command=run_compare, check=lambda args: None)
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from trainer.compare import comparison_table, plot_comparison, summarize_run
+
+    runs = [summarize_run(path) for path in args.run_dirs]
+    for line in comparison_table(runs):
+        print(line)
+    print(f"plot: {plot_comparison(runs, args.out)}")
+
+
+# -- check-data ------------------------------------------------------------------------------------
+
+CHECK_DATA_EXIT_CODES = """exit status:
+  0  no problems found
+  1  problems a training run copes with: with data.bad_files=skip (the default) it skips the bad
+     files, converts greyscale/CMYK/16-bit/palette/alpha images to RGB, replaces undecodable files
+     when it meets them, and trains on huge, tiny and duplicated files as they are
+     (data.bad_files=stop makes the bad files stop the run instead)
+  2  an unusable dataset, a training run stops before it starts: missing folder, no class
+     folders, empty class folders, class folders only in val, a class whose every image is bad"""
+
+
+def add_check_data(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check-data",
+        help="scan a dataset for bad images and layout problems: a table of counts and paths, or --json",
+        description="Scan an ImageFolder (PATH/train/<class>/* + PATH/val/<class>/*, or PATH/<class>/*) for what "
+        "training would skip, convert or stop on: unreadable, zero-byte, truncated, non-image, unsupported, "
+        "corrupt and undecodable files; CMYK, greyscale, 16-bit, palette and alpha images; huge (> 50 MP) and tiny (shorter side "
+        "< 32 px) images; empty class folders, class folders only in val, and files duplicated across train and "
+        "val (same bytes). Each file's structure is checked, then it is decoded with DALI's CPU decoder "
+        "(--structure-only skips that: the same check a training run makes before it starts).",
+        epilog=CHECK_DATA_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("path", metavar="PATH", help="dataset folder, or builtin:digits")
+    parser.add_argument("--structure-only", action="store_true", help="check headers and file ends only, no decode (fast)")
+    parser.add_argument("--json", action="store_true", help="print a JSON record of every finding instead of the table")
+    parser.add_argument("--show", type=int, default=10, metavar="N", help="paths listed per problem kind (default: 10)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help="decoder threads (default: the CPU cores)")
+    parser.set_defaults(command=run_check_data, check=functools.partial(check_check_data, parser))
+
+
+def check_check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.show < 0:
+        parser.error(f"--show must be >= 0, got {args.show}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+
+
+def run_check_data(args: argparse.Namespace) -> None:
+    import os
+
+    from tqdm import tqdm
+
+    from loaders.checks import report_lines, scan_dataset
+    from loaders.digits import resolve_data_path
+
+    bars = []
+
+    def progress(label: str, total: int):
+        # On stderr, and only on a terminal: --json output and logs stay clean.
+        bar = tqdm(total=total, desc=label, unit="file", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+        bars.append(bar)
+        return bar.update
+
+    if args.path.startswith("hf:"):
+        raise DataError("check-data scans folders; a Hugging Face dataset's rows are checked (headers only) when a run starts")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    report = scan_dataset(resolve_data_path(args.path), decode=not args.structure_only, threads=threads, progress=progress)
+    for bar in bars:
+        bar.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report_lines(report, shown=args.show):
+            print(line)
+    if report.exit_code:
+        raise SystemExit(report.exit_code)
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
-SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find, add_export, add_predict, add_push)  # a new subcommand: one more add_<name> here
+SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find, add_export, add_predict, add_push, add_eval, add_report, add_compare, add_check_data)  # a new subcommand: one more add_<name> here
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,8 @@ class TrainState:
     early_best: float = -1e30  # early stopping: best score so far (higher is better)
     early_bad_epochs: int = 0  # epochs since it improved
     stopped_early: bool = False
+    skipped_steps: int = 0  # updates dropped for a non-finite loss in this phase
+    nonfinite_streak: int = 0  # of those, how many in a row up to now
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,32 +88,89 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class StorageError(Exception):
+    """A checkpoint could not be written (disk full, read-only, I/O error); the previous one is intact."""
+
+
+def free_space(path: Path) -> str:
+    """Free space on the filesystem holding `path` (or its nearest existing parent), for messages."""
+    for candidate in (Path(path), *Path(path).parents):
+        try:
+            return f"{shutil.disk_usage(candidate).free / 2**20:.1f} MiB free on {candidate}"
+        except OSError:
+            continue
+    return "free space unknown"
+
+
+def _first_failure(accelerator, failure: str) -> str:
+    """The first process's error message, on every process ("" = none failed): all stop together
+    instead of one raising while the others wait for it in the next collective."""
+    if accelerator.num_processes == 1:
+        return failure
+    from accelerate.utils import gather_object
+
+    return next((f for f in gather_object([failure]) if f), "")
+
+
 def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_top1: float | None, keep_best_k: int) -> Path:
     """Write a complete checkpoint or none: every process writes its part into a temporary folder,
-    then the main process adds trainer_state.json and renames the folder into place."""
+    then the main process adds trainer_state.json and renames the folder into place. Older
+    checkpoints are pruned only after that rename. A write error on any process (a full disk, a
+    read-only filesystem) removes the temporary folder and raises StorageError on every process."""
     checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / checkpoint_name(state.total_step)
     tmp = checkpoints_dir / (TMP_PREFIX + final.name)
+    failure = ""
     if accelerator.is_main_process:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-write
+        try:
+            checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in checkpoints_dir.glob(TMP_PREFIX + "*"):  # of a run killed mid-write or mid-delete
+                shutil.rmtree(leftover, ignore_errors=True)
+            # The last checkpoint's size is what this one needs: fail before writing a byte when it
+            # cannot fit (torch.save reports a full disk only as a RuntimeError, without errno).
+            previous = complete_checkpoints(checkpoints_dir)
+            needed_bytes = sum(f.stat().st_size for f in previous[-1].iterdir()) if previous else 0
+            if needed_bytes > shutil.disk_usage(checkpoints_dir).free:
+                failure = f"No space left on device (it needs about {needed_bytes / 2**20:.1f} MiB)"
+        except OSError as err:
+            failure = f"{err.strerror or err} ({err.filename or checkpoints_dir})"
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        record = {**state.state_dict(), "val_top1": val_top1}
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump(record, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        for path in tmp.iterdir():  # the model and optimizer files were written by accelerate without fsync
-            with open(path, "rb") as f:
+    try:
+        if not failure:
+            accelerator.save_state(str(tmp))
+    except OSError as err:
+        failure = f"{err.strerror or err} ({err.filename or tmp})"
+    except RuntimeError as err:  # torch.save's zip writer reports a full disk this way
+        failure = f"{err} (writing {tmp})"
+    failure = _first_failure(accelerator, failure)
+    if accelerator.is_main_process and not failure:
+        try:
+            record = {**state.state_dict(), "val_top1": val_top1}
+            with open(tmp / STATE_FILE, "w") as f:
+                json.dump(record, f, indent=2)
+                f.flush()
                 os.fsync(f.fileno())
-        if final.exists():  # same step saved twice (epoch end on a checkpoint_every_steps boundary)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
-        prune(checkpoints_dir, keep_best_k)
+            for path in tmp.iterdir():  # the model and optimizer files were written by accelerate without fsync
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            if final.exists():  # same step saved twice (epoch end on a checkpoint_every_steps boundary)
+                _remove(final)
+            os.replace(tmp, final)
+            _fsync_dir(checkpoints_dir)
+        except OSError as err:
+            failure = f"{err.strerror or err} ({err.filename or tmp})"
+    failure = _first_failure(accelerator, failure)
+    if failure:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; never picked up anyway
+        previous = max(complete_checkpoints(checkpoints_dir), key=lambda p: read_state(p)["total_step"], default=None)
+        raise StorageError(
+            f"cannot write checkpoint {final}: {failure}; {free_space(checkpoints_dir)}. "
+            + (f"The previous checkpoint {previous} is intact: " if previous else "No earlier checkpoint of this phase exists: ")
+            + "free some space (or make the folder writable) and continue with --resume auto"
+        )
+    if accelerator.is_main_process:
+        prune(checkpoints_dir, keep_best_k)  # only now: the new checkpoint is complete
     accelerator.wait_for_everyone()
     return final
 
@@ -137,9 +196,18 @@ def prune(checkpoints_dir: Path, keep_best_k: int) -> list[Path]:
     removed = []
     for path, _ in found:
         if path not in keep:
-            shutil.rmtree(path)
+            _remove(path)
             removed.append(path)
     return removed
+
+
+def _remove(checkpoint_dir: Path) -> None:
+    """Delete a checkpoint so that no moment of the deletion looks complete: first an atomic rename
+    to a temporary name (never picked up), then the files."""
+    doomed = checkpoint_dir.with_name(TMP_PREFIX + "old-" + checkpoint_dir.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint_dir, doomed)
+    shutil.rmtree(doomed)
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:

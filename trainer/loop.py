@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from loaders.dali import EvalLoader, TrainAugment, TrainLoader
 from loaders.hf import HFDatasetSource
 from loaders.sources import ImageFolderSource
-from trainer.checkpoint import Resumable, TrainState, read_state, save_checkpoint
-from trainer.metrics import evaluate
+from trainer.checkpoint import Resumable, TrainState, checkpoint_name, read_state, save_checkpoint
+from trainer.curves import redraw_curves
+from trainer.metrics import eval_report, evaluate, sample_indices, sample_predictions
+from trainer.preemption import Preempted, StopSignals
 from trainer.recipe import Phase, Recipe
-from trainer.tracking import RunLog
+from trainer.tracking import EVAL_FILE, RunLog, log_phase_eval, write_eval_json
 from trainer.transfer import (
     apply_freeze,
     build_optimizer_groups,
@@ -85,18 +87,27 @@ def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, 
         batch_multiple=phase.grad_accum_steps,
         **loader_args,
     )
-    val_loader = EvalLoader(
-        data.val,
+    return loader, build_eval_loader(recipe, phase, data.val, accelerator)
+
+
+def build_eval_loader(recipe: Recipe, phase: Phase, source, accelerator) -> EvalLoader:
+    """This process's share of `source` with `phase`'s eval transform; also what `python -m trainer eval`
+    uses, so its numbers match training's val."""
+    device = accelerator.device
+    return EvalLoader(
+        source,
         batch_size=phase.batch_size_per_device,
         rank=accelerator.process_index,
-        world_size=world,
+        world_size=accelerator.num_processes,
         res_px=phase.eval_res_px,
         crop_fraction=phase.eval_crop_fraction,
         mean=recipe.data.mean,
         std=recipe.data.std,
-        **loader_args,
+        decode_device=recipe.data.decode_device,
+        device_id=device.index if device.type == "cuda" else None,
+        num_threads=recipe.data.loader_threads,
+        channels_last=recipe.model.channels_last,
     )
-    return loader, val_loader
 
 
 def build_optimizer(model: torch.nn.Module, phase: Phase, lr: float, updates_per_epoch: int):
@@ -186,6 +197,18 @@ def build_criterion(phase: Phase, num_classes: int):
     return mixup, loss
 
 
+class Diverged(Exception):
+    """`max_nonfinite_steps` updates in a row had a non-finite loss; the last good state was saved."""
+
+
+def step_time_percentiles_ms(batch_seconds: list[float]) -> dict[str, float]:
+    """p50/p90/p99 of the wall time per batch (data wait included), in ms."""
+    if not batch_seconds:
+        return {"step_ms_p50": 0.0, "step_ms_p90": 0.0, "step_ms_p99": 0.0}
+    p50, p90, p99 = torch.tensor(batch_seconds, dtype=torch.float64).quantile(torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"step_ms_p50": p50 * 1e3, "step_ms_p90": p90 * 1e3, "step_ms_p99": p99 * 1e3}
+
+
 def early_stop_score(metric: str, val: dict, ema_val: dict | None) -> float:
     """Higher is better for every metric (val_loss is negated)."""
     ema_top1 = ema_val["top1"] if ema_val else -math.inf
@@ -209,6 +232,7 @@ def train_phase(
     log: RunLog,
     resume_from: Path | None = None,
     make_loaders: Callable | None = None,
+    signals: StopSignals | None = None,
 ) -> TrainState:
     phase: Phase = recipe.phases[phase_index]
     device = accelerator.device
@@ -243,12 +267,15 @@ def train_phase(
     if resume_from is not None:
         # Everything: weights, optimizer, RNGs, EMA, TrainState, loader position.
         accelerator.load_state(str(resume_from))
+        # The same numbers, unless the loader moved its position to another process count (its load_state_dict).
+        state.step, state.batch = (loader.epoch * loader.batches_per_epoch + loader.batch) // phase.grad_accum_steps, loader.batch
     else:
         state.phase_index, state.phase_name = phase_index, phase.name
         state.epoch = state.batch = state.step = 0
         state.best_top1, state.best_source, state.best_epoch = -1.0, "", -1
         state.epoch_loss_sum = 0.0
         state.early_best, state.early_bad_epochs, state.stopped_early = -1e30, 0, False
+        state.skipped_steps = state.nonfinite_streak = 0
     scheduler.step_update(state.step)
 
     mixup, criterion = build_criterion(phase, raw_model.num_classes)
@@ -257,8 +284,13 @@ def train_phase(
     autocast = autocast_for(precision, device)
     checkpoints_dir = run_dir / phase.name / "checkpoints"
     accum = phase.grad_accum_steps
+    signals = signals or StopSignals()  # not installed: never set (benchmarks, in-process callers)
+    # BatchNorm running statistics move in the forward pass, before the loss can be checked: kept
+    # from the start of each update so a skipped (non-finite) update leaves no trace in them.
+    buffers = [b for b in raw_model.buffers() if b.is_floating_point()]
+    good_buffers = [b.detach().clone() for b in buffers]
 
-    def checkpoint(val_top1: float | None) -> None:
+    def checkpoint(val_top1: float | None) -> Path:
         # Fold the epoch's running loss into the saved state, on every run alike, so a resumed run
         # adds up its losses in the same order as one that never stopped.
         total = accelerator.reduce(loss_sum.clone(), reduction="sum")
@@ -266,8 +298,9 @@ def train_phase(
         if accelerator.is_main_process:
             loss_sum.add_(total)
         state.epoch_loss_sum = float(total)
-        save_checkpoint(accelerator, checkpoints_dir, state, val_top1, phase.keep_best_k)
+        return save_checkpoint(accelerator, checkpoints_dir, state, val_top1, phase.keep_best_k)
 
+    val = ema_val = None  # the last epoch's scores: eval.json reuses them at the phase end
     for epoch in range(state.epoch, phase.epochs):
         if state.stopped_early:
             break
@@ -284,7 +317,14 @@ def train_phase(
         # The epoch's summed loss so far: from the checkpoint on the main process, zero elsewhere.
         loss_sum = torch.tensor(state.epoch_loss_sum if accelerator.is_main_process else 0.0, dtype=torch.float64, device=device)
         images_seen = 0
-        started = time.perf_counter()
+        skipped_in_epoch = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # Throughput: time blocked waiting for the loader, and wall time per batch (wait included).
+        # The per-update `.item()` below syncs the GPU, so compute time is not counted as waiting.
+        wait_s, batch_seconds = 0.0, []
+        started = batch_done = time.perf_counter()
+        bad_loss = torch.zeros((), dtype=torch.bool, device=device)
         bar = tqdm(
             total=loader.batches_per_epoch,
             initial=loader.batch if loader.epoch == epoch else 0,
@@ -294,6 +334,8 @@ def train_phase(
             mininterval=1.0,
         )
         for images, labels in loader.epoch_batches(epoch):
+            arrived = time.perf_counter()
+            wait_s += arrived - batch_done
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             targets = labels
@@ -308,21 +350,56 @@ def train_phase(
                     logits = model(images)
                     loss = criterion(logits, targets)
                 accelerator.backward(loss / accum)
-            loss_sum += loss.detach().double() * labels.shape[0]
+            finite = torch.isfinite(loss.detach())
+            bad_loss |= ~finite
+            loss_sum += torch.where(finite, loss.detach().double(), 0.0) * labels.shape[0]
             images_seen += labels.shape[0] * world
             bar.update(1)
             if not update_now:
+                batch_done = time.perf_counter()
+                batch_seconds.append(batch_done - arrived)
                 continue
-            if phase.clip_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), phase.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # One small all-reduce decides for every process, so all skip or stop on the same update:
+            # [stop signal, non-finite loss on any rank]. Its `.item()` is the step's one sync point.
+            flags = torch.stack([torch.tensor(signals.requested, device=device), bad_loss.long()])
+            if world > 1:
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            stop_signal, skip = flags.tolist()
+            bad_loss.zero_()
+            if skip:
+                # Drop this update: no optimizer step, no EMA update, BatchNorm statistics put back.
+                optimizer.zero_grad(set_to_none=True)
+                torch._foreach_copy_(buffers, good_buffers)
+                state.skipped_steps += 1
+                state.nonfinite_streak += 1
+                skipped_in_epoch += 1
+            else:
+                if phase.clip_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), phase.clip_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.nonfinite_streak = 0
+                if ema is not None:
+                    ema.update(raw_model, step=state.step + 1)
+                torch._foreach_copy_(good_buffers, buffers)
+            # A skipped update still takes its place in the schedule: the LR stays a function of the batch.
             state.step += 1
             state.total_step += 1
             state.batch = loader.batch
             scheduler.step_update(state.step)
-            if ema is not None:
-                ema.update(raw_model, step=state.step)
+            if skip:
+                accelerator.print(
+                    f"[{phase.name} {epoch + 1}/{phase.epochs}] step {state.step}: non-finite loss, update skipped "
+                    f"({state.nonfinite_streak} in a row, {state.skipped_steps} in this phase)"
+                )
+                log.step({"phase": phase.name, "epoch": epoch, "step": state.step, "total_step": state.total_step, "skipped": "non-finite loss"})
+                if state.nonfinite_streak >= phase.max_nonfinite_steps:
+                    saved = checkpoint(None)
+                    raise Diverged(
+                        f"phase {phase.name!r}: {state.nonfinite_streak} updates in a row had a non-finite loss (NaN or inf). "
+                        f"The last good weights are saved in {saved}. Lower phases.{phase_index}.lr_per_256, set "
+                        f"phases.{phase_index}.clip_grad_norm, or use precision=fp32, then resume with --resume auto"
+                    )
 
             if state.step % recipe.logging.log_every_steps == 0:
                 loss_value = loss.item()  # a sync point: only every log_every_steps
@@ -334,6 +411,12 @@ def train_phase(
                 accelerator.log({"train/loss": loss_value, "train/lr": lr_now, "epoch": epoch + loader.batch / loader.batches_per_epoch}, step=state.total_step)
             if phase.checkpoint_every_steps and state.step % phase.checkpoint_every_steps == 0 and loader.batch < loader.batches_per_epoch:
                 checkpoint(None)
+            if stop_signal and loader.batch < loader.batches_per_epoch:  # at the epoch's end: after its checkpoint
+                bar.close()
+                just_saved = phase.checkpoint_every_steps and state.step % phase.checkpoint_every_steps == 0
+                raise Preempted(stop_signal, checkpoints_dir / checkpoint_name(state.total_step) if just_saved else checkpoint(None))
+            batch_done = time.perf_counter()
+            batch_seconds.append(batch_done - arrived)
         bar.close()
         train_seconds = time.perf_counter() - started
 
@@ -359,8 +442,13 @@ def train_phase(
             "lr": optimizer.param_groups[0]["lr"],
             "res_px": int(images.shape[-1]),  # what the model saw in this epoch's last batch
             "images_per_s": images_seen / max(train_seconds, 1e-9),
+            "data_wait_share": wait_s / max(train_seconds, 1e-9),
+            **step_time_percentiles_ms(batch_seconds),
+            "skipped_steps": skipped_in_epoch,
             "total_step": state.total_step,
         }
+        if device.type == "cuda":
+            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         state.last_val = {"top1": val["top1"], "top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None}
         if isinstance(scheduler, PlateauLR):
             scheduler.epoch_end(val["top1"])
@@ -373,9 +461,16 @@ def train_phase(
         state.stopped_early = bool(phase.early_stop_patience and state.early_bad_epochs >= phase.early_stop_patience)
         record["early_stopped"] = state.stopped_early
         log.epoch(record)
+        if accelerator.is_main_process:  # curves.png, redrawn from history.jsonl; a plotting error is printed, never raised
+            redraw_curves(run_dir)
         scalars = {
             "train/epoch_loss": train_loss,
             "train/images_per_s": record["images_per_s"],
+            "system/images_per_s": record["images_per_s"],
+            "system/data_wait_share": record["data_wait_share"],
+            "system/step_ms_p50": record["step_ms_p50"],
+            "system/step_ms_p90": record["step_ms_p90"],
+            "system/skipped_steps": skipped_in_epoch,
             "val/loss": val["loss"],
             "val/top1": val["top1"],
             "val/top5": val["top5"],
@@ -383,6 +478,8 @@ def train_phase(
         }
         if ema_val:
             scalars.update({"ema_val/top1": ema_val["top1"], "ema_val/top5": ema_val["top5"]})
+        if "gpu_mem_gib" in record:
+            scalars["system/gpu_mem_gib"] = record["gpu_mem_gib"]
         accelerator.log(scalars, step=state.total_step)
         accelerator.print(
             f"[{phase.name} {epoch + 1}/{phase.epochs}] train_loss {train_loss:.4f}  val_top1 {val['top1']:.4f}"
@@ -392,9 +489,44 @@ def train_phase(
         loss_sum.zero_()
         state.epoch_loss_sum = 0.0
         best_of_epoch = max(val["top1"], ema_val["top1"] if ema_val else -math.inf)
-        checkpoint(best_of_epoch)
+        saved = checkpoint(best_of_epoch)
         if state.stopped_early:
             accelerator.print(f"[{phase.name}] early stop: {phase.early_stop_metric} did not improve for {phase.early_stop_patience} epochs")
+        # A signal during evaluation or the checkpoint just written (or at the epoch's last step): that
+        # checkpoint will do. Every process asks, so the all-reduce inside is matched on all of them.
+        stop_signal = signals.should_stop(accelerator)
+        if stop_signal:
+            raise Preempted(stop_signal, saved)
 
+    # Phase end: eval.json (and W&B's confusion matrix and predictions) for the weights as they are now.
+    # The last epoch's scores describe them; a process resumed after the last epoch has none: score once.
+    if val is None:
+        val = evaluate(model, val_loader, accelerator, autocast)
+        ema_val = evaluate(ema.module, val_loader, accelerator, autocast) if ema is not None else None
+    if accelerator.is_main_process:
+        record_phase_eval(accelerator, recipe, phase, run_dir, data.val, raw_model, ema, val, ema_val, autocast, state)
     accelerator.free_memory()
     return state
+
+
+def record_phase_eval(accelerator, recipe: Recipe, phase: Phase, run_dir: Path, val_source, raw_model: torch.nn.Module,
+                      ema: ModelEmaV3 | None, val: dict, ema_val: dict | None, autocast, state: TrainState) -> None:
+    """Main process, at a phase's end: <run>/<phase>/eval.json from the phase's final scores and, with
+    W&B, the confusion matrices, per-class accuracy and a table of sample predictions (from the better
+    of model and EMA, the weights export would pick)."""
+    report = eval_report(
+        phase=phase.name, split="val", classes=list(val_source.classes),
+        weights=f"final weights of phase {phase.name} (epoch {state.epoch}, update {state.step})", model=val, ema=ema_val,
+    )
+    write_eval_json(run_dir / phase.name / EVAL_FILE, report)
+    if not recipe.logging.wandb:
+        return
+    use_ema = ema_val is not None and ema_val["top1"] > val["top1"]
+    preprocess = {
+        "input_size": [3, phase.eval_res_px, phase.eval_res_px],
+        "crop_fraction": phase.eval_crop_fraction,
+        "mean": list(recipe.data.mean),
+        "std": list(recipe.data.std),
+    }
+    shown = sample_predictions(ema.module if use_ema else raw_model, val_source, sample_indices(val_source.labels), preprocess, autocast)
+    log_phase_eval(accelerator, report, shown, "ema" if use_ema else "model", step=state.total_step)

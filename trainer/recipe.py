@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +16,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = ("auto", "fp32", "bf16")
 DECODE_DEVICES = ("auto", "cpu", "mixed")
+BAD_FILE_POLICIES = ("skip", "stop")  # data.bad_files; loaders.checks holds the same tuple
+INT_MAX = 2**31 - 1  # DALI, numpy seeds and torch take many of these as 32-bit integers
+MAX_RES_PX = 8192  # 8192² RGB is 200 MB a sample: a larger resolution is a typo, not a run
+MAX_HEAD_HIDDEN = 65536
 
 
 class RecipeError(ValueError):
@@ -25,6 +31,54 @@ def _check(condition: bool, message: str) -> None:
         raise RecipeError(message)
 
 
+def _shown(value: Any) -> str:
+    """`value` for an error message: repr (one line, whatever the input holds), cut when long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_problem(value: Any, typ: Any) -> str | None:
+    """Why `value` does not fit the field type `typ` (None when it does). Run before the range rules,
+    so a recipe file's `epochs="2"` or a NaN rate stops here with the field's name, not deep in training."""
+    if typing.get_origin(typ) is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, tuple):
+            return f"must be a tuple, got {_shown(value)}"
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            return f"takes {len(items)} values, got {_shown(value)}"
+        return next((problem for v, t in zip(value, items) if (problem := _type_problem(v, t))), None)
+    if dataclasses.is_dataclass(typ):
+        return None if isinstance(value, typ) else f"must be a {typ.__name__}, got {_shown(value)}"
+    if typ is bool:
+        return None if isinstance(value, bool) else f"must be true or false, got {_shown(value)}"
+    if typ is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be an integer, got {_shown(value)}"
+        return None if abs(value) <= INT_MAX else f"must be at most {INT_MAX} in size, got {_shown(value)}"
+    if typ is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"must be a number, got {_shown(value)}"
+        return None if math.isfinite(value) else f"must be a finite number, got {value}"
+    if typ is str:
+        if not isinstance(value, str):
+            return f"must be a string, got {_shown(value)}"
+        return None if "\x00" not in value else f"must not contain a NUL character, got {_shown(value)}"
+    return None
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        problem = _type_problem(getattr(obj, f.name), hints[f.name])
+        _check(problem is None, f"{prefix}{f.name} {problem}")
+
+
+def _is_folder_name(name: str) -> bool:
+    """Phase and run names become folders under the run: printable, no separators, not "." or ".."."""
+    return bool(name) and name not in (".", "..") and name.isprintable() and not any(c in name for c in "/\\")
+
+
 @dataclass(frozen=True)
 class Model:
     arch: str = "resnet50"  # any timm.create_model name
@@ -34,7 +88,8 @@ class Model:
     pretrained_file: str = ""  # local weights for init="pretrained"; else the Hugging Face cache (never downloads)
 
     def __post_init__(self) -> None:
-        _check(bool(self.arch), "model.arch must name a timm model, e.g. resnet50")
+        _check_fields(self, "model.")
+        _check(bool(self.arch.strip()), "model.arch must name a timm model, e.g. resnet50")
         _check(0.0 <= self.drop_rate < 1.0, f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
         _check(0.0 <= self.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
@@ -47,11 +102,17 @@ class Data:
     std: tuple[float, float, float] = IMAGENET_STD
     decode_device: str = "auto"  # "mixed" = nvJPEG on the GPU; "auto" picks it when CUDA is there
     loader_threads: int = 2  # DALI CPU worker threads per process
+    # Files the decoder would fail on (empty, truncated, not an image, ...), found by a header check before
+    # training: "skip" = train without them, listed in <run>/bad_files.json; "stop" = exit 2 with the list.
+    # Greyscale, CMYK, 16-bit, palette and alpha images are converted to RGB either way.
+    bad_files: str = "skip"
 
     def __post_init__(self) -> None:
+        _check_fields(self, "data.")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(self.decode_device in DECODE_DEVICES, f"data.decode_device must be one of {DECODE_DEVICES}, got {self.decode_device!r}")
         _check(self.loader_threads >= 1, f"data.loader_threads must be >= 1, got {self.loader_threads}")
+        _check(self.bad_files in BAD_FILE_POLICIES, f"data.bad_files must be one of {BAD_FILE_POLICIES}, got {self.bad_files!r}")
         _check(all(s > 0 for s in self.std), f"data.std must be positive, got {self.std}")
 
 
@@ -111,6 +172,7 @@ class Phase:
     precision: str = "auto"  # auto = bf16 on a CUDA GPU that has it, fp32 on CPU (bf16 is 11-15x slower here)
     grad_accum_steps: int = 1
     clip_grad_norm: float = 0.0  # 0 turns clipping off
+    max_nonfinite_steps: int = 5  # a NaN/inf loss skips its update; this many in a row stop the run (exit 3)
     checkpoint_every_steps: int = 0  # 0 = only at each epoch end
     keep_best_k: int = 1  # besides the newest checkpoint, keep the k best by val top-1 (model or EMA)
 
@@ -127,11 +189,14 @@ class Phase:
         return int(round(exact / self.res_step_px)) * self.res_step_px
 
     def __post_init__(self) -> None:
-        p = f"phase {self.name!r}"
+        p = f"phase {_shown(self.name)}"
+        _check_fields(self, f"{p}: ")
         _check(0 < self.subset <= 1, f"{p}: subset must be in (0, 1], got {self.subset}")
-        _check(self.head in ("", "linear") or (self.head.startswith("mlp:") and self.head[4:].isdigit()), f'{p}: head must be "", "linear" or "mlp:<hidden units>", got {self.head!r}')
+        # ASCII digits only: "mlp:²" passes str.isdigit() but not int()
+        hidden = re.fullmatch(r"mlp:([0-9]{1,9})", self.head)
+        _check(self.head in ("", "linear") or (hidden is not None and 1 <= int(hidden[1]) <= MAX_HEAD_HIDDEN), f'{p}: head must be "", "linear" or "mlp:<hidden units, 1-{MAX_HEAD_HIDDEN}>", got {_shown(self.head)}')
         _check(0 <= self.head_dropout < 1, f"{p}: head_dropout must be in [0, 1), got {self.head_dropout}")
-        _check(self.freeze in ("", "backbone") or (self.freeze.startswith("stages:") and self.freeze[7:].isdigit()), f'{p}: freeze must be "", "backbone" or "stages:<k>", got {self.freeze!r}')
+        _check(self.freeze in ("", "backbone") or re.fullmatch(r"stages:[0-9]{1,9}", self.freeze) is not None, f'{p}: freeze must be "", "backbone" or "stages:<k>", got {_shown(self.freeze)}')
         _check(all(e >= 0 for e in self.unfreeze_at), f"{p}: unfreeze_at epochs must be >= 0")
         _check(self.backbone_lr_mult > 0, f"{p}: backbone_lr_mult must be positive, got {self.backbone_lr_mult}")
         _check(0 <= self.layer_decay < 1, f"{p}: layer_decay must be in [0, 1), got {self.layer_decay}")
@@ -146,18 +211,24 @@ class Phase:
         _check(self.rand_augment_layers >= 0 and 0 <= self.rand_augment_magnitude <= 30, f"{p}: rand_augment_layers >= 0 and rand_augment_magnitude in 0..30")
         _check(self.color_jitter >= 0, f"{p}: color_jitter must be >= 0")
         _check(self.res_px_end == 0 or self.res_px_end >= 8, f"{p}: res_px_end must be 0 (off) or >= 8")
-        _check(self.res_ramp_epochs[0] <= self.res_ramp_epochs[1], f"{p}: res_ramp_epochs must be (start, end) with start <= end")
-        _check(self.res_step_px >= 1, f"{p}: res_step_px must be >= 1")
-        _check(bool(self.name) and "/" not in self.name, f"{p}: name must be a non-empty folder name")
+        _check(0 <= self.res_ramp_epochs[0] <= self.res_ramp_epochs[1], f"{p}: res_ramp_epochs must be (start, end) with 0 <= start <= end")
+        _check(self.res_step_px >= 1, f"{p}: res_step_px must be >= 1, got {self.res_step_px}")
+        # A step above the ramp's smaller size rounds its sizes down to 0 px.
+        _check(not self.res_px_end or self.res_step_px <= min(self.res_px, self.res_px_end), f"{p}: res_step_px must be at most the smaller of res_px and res_px_end ({min(self.res_px, self.res_px_end)}), got {self.res_step_px}")
+        _check(_is_folder_name(self.name), f"{p}: name must be a folder name (not empty, '.' or '..', no '/' or '\\')")
         _check(self.epochs >= 1, f"{p}: epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size_per_device >= 1, f"{p}: batch_size_per_device must be >= 1, got {self.batch_size_per_device}")
         _check(self.lr_per_256 > 0, f"{p}: lr_per_256 must be positive, got {self.lr_per_256}")
         _check(self.weight_decay >= 0, f"{p}: weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.momentum >= 0, f"{p}: momentum must be >= 0, got {self.momentum}")
+        _check(self.decay_epochs > 0 and self.decay_rate > 0, f"{p}: decay_epochs and decay_rate must be positive, got {self.decay_epochs} and {self.decay_rate}")
+        _check(self.plateau_patience_epochs >= 0, f"{p}: plateau_patience_epochs must be >= 0, got {self.plateau_patience_epochs}")
         _check(0 <= self.warmup_epochs < self.epochs, f"{p}: warmup_epochs must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}")
         _check(0 <= self.min_lr_ratio <= 1, f"{p}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(0 <= self.label_smoothing < 1, f"{p}: label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(0 <= self.ema_decay < 1, f"{p}: ema_decay must be in [0, 1), got {self.ema_decay}")
-        _check(self.res_px >= 8 and self.eval_res_px >= 8, f"{p}: res_px and eval_res_px must be >= 8")
+        _check(self.res_px >= 8 and self.eval_res_px >= 8, f"{p}: res_px and eval_res_px must be >= 8, got {self.res_px} and {self.eval_res_px}")
+        _check(max(self.res_px, self.res_px_end, self.eval_res_px) <= MAX_RES_PX, f"{p}: res_px, res_px_end and eval_res_px must be <= {MAX_RES_PX}, got {self.res_px}, {self.res_px_end} and {self.eval_res_px}")
         _check(0 < self.eval_crop_fraction <= 1, f"{p}: eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
         _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"{p}: crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
         _check(0 < self.crop_ratio[0] <= self.crop_ratio[1], f"{p}: crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
@@ -165,6 +236,7 @@ class Phase:
         _check(self.precision in PRECISIONS, f"{p}: precision must be one of {PRECISIONS}, got {self.precision!r}")
         _check(self.grad_accum_steps >= 1, f"{p}: grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         _check(self.clip_grad_norm >= 0, f"{p}: clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+        _check(self.max_nonfinite_steps >= 1, f"{p}: max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         _check(self.checkpoint_every_steps >= 0, f"{p}: checkpoint_every_steps must be >= 0")
         _check(self.keep_best_k >= 0, f"{p}: keep_best_k must be >= 0, got {self.keep_best_k}")
 
@@ -178,6 +250,8 @@ class Logging:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        _check_fields(self, "logging.")
+        _check(not self.run_name or _is_folder_name(self.run_name), f"logging.run_name must be a folder name (no '/' or '\\', not '.' or '..'), got {_shown(self.run_name)}")
         _check(self.log_every_steps >= 1, f"logging.log_every_steps must be >= 1, got {self.log_every_steps}")
 
 
@@ -190,9 +264,10 @@ class Push:
     private: bool = False
 
     def __post_init__(self) -> None:
+        _check_fields(self, "push.")
         for name in ("space", "model_repo"):
             value = getattr(self, name)
-            _check(not value or value.count("/") == 1, f"push.{name} must be USER/NAME, got {value!r}")
+            _check(not value or re.fullmatch(r"[^/\s]+/[^/\s]+", value) is not None, f"push.{name} must be USER/NAME, got {_shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -207,7 +282,9 @@ class Recipe:
     push: Push = field(default_factory=Push)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "recipe name must be a non-empty folder name")
+        _check_fields(self, "")
+        _check(_is_folder_name(self.name), f"recipe name must be a folder name (not empty, '.' or '..', no '/' or '\\'), got {_shown(self.name)}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(len(self.phases) >= 1, "a recipe needs at least one phase")
         names = [p.name for p in self.phases]
         _check(len(set(names)) == len(names), f"phase names must be unique, got {names}")
@@ -270,7 +347,7 @@ def _parse_scalar(text: str, typ: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_parse_scalar(s, args[0], key) for s in parts)
         if len(parts) != len(args):
-            raise RecipeError(f"{key} takes {len(args)} comma-separated values, got {text!r}")
+            raise RecipeError(f"{key} takes {len(args)} comma-separated values, got {_shown(text)}")
         return tuple(_parse_scalar(s, a, key) for s, a in zip(parts, args))
     text = text.strip()
     if typ is bool:
@@ -279,17 +356,21 @@ def _parse_scalar(text: str, typ: Any, key: str) -> Any:
             return True
         if lowered in ("false", "0", "no", "off"):
             return False
-        raise RecipeError(f"{key} takes true or false, got {text!r}")
+        raise RecipeError(f"{key} takes true or false, got {_shown(text)}")
     if typ is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise RecipeError(f"{key} takes an integer, got {text!r}") from None
+        # ASCII digits only (int() also takes "1_000" and other scripts' digits); the size limit is
+        # checked by the field's validation, which names the range.
+        if re.fullmatch(r"[+-]?[0-9]{1,4000}", text) is None:
+            raise RecipeError(f"{key} takes an integer, got {_shown(text)}")
+        return int(text)
     if typ is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
-            raise RecipeError(f"{key} takes a number, got {text!r}") from None
+            raise RecipeError(f"{key} takes a number, got {_shown(text)}") from None
+        if not math.isfinite(value):  # "nan" would slip past every `x > 0` rule: comparisons with NaN are False
+            raise RecipeError(f"{key} takes a finite number, got {_shown(text)}")
+        return value
     if typ is str:
         return text
     raise RecipeError(f"{key} cannot be set from the command line")
@@ -304,26 +385,26 @@ def _suggest(name: str, valid: list[str]) -> str:
 def _collect(node: Any, path: list[str], text: str, full_key: str, changes: dict) -> None:
     """Check one override against the recipe's fields and parse its value into `changes` (a tree)."""
     head, rest = path[0], path[1:]
-    if isinstance(node, tuple):  # phases: by index or by name
+    if isinstance(node, tuple) and node and all(dataclasses.is_dataclass(item) for item in node):  # phases: by index or by name
         names = [getattr(p, "name", None) for p in node]
-        if head.lstrip("-").isdigit() and -len(node) <= int(head) < len(node):
+        if re.fullmatch(r"-?[0-9]{1,9}", head) and -len(node) <= int(head) < len(node):
             index = int(head) % len(node)
         elif head in names:
             index = names.index(head)
         else:
             raise RecipeError(
-                f"unknown phase {head!r} in {full_key!r}; phases are indexes 0..{len(node) - 1} or names {names}"
+                f"unknown phase {_shown(head)} in {_shown(full_key)}; phases are indexes 0..{len(node) - 1} or names {names}"
             )
         if not rest:
             raise RecipeError(f"{full_key!r} names a whole phase; set one of its fields, e.g. {full_key}.epochs=2")
         _collect(node[index], rest, text, full_key, changes.setdefault(index, {}))
         return
     if not dataclasses.is_dataclass(node):
-        raise RecipeError(f"{full_key!r} goes below a plain value")
+        raise RecipeError(f"{_shown(full_key)} goes below a plain value")
     valid = [f.name for f in dataclasses.fields(node)]
     if head not in valid:
         where = full_key[: len(full_key) - len(".".join(path))].rstrip(".") or "the recipe"
-        raise RecipeError(f"unknown key {head!r} in {full_key!r} under {where}{_suggest(head, valid)}")
+        raise RecipeError(f"unknown key {_shown(head)} in {_shown(full_key)} under {where}{_suggest(head, valid)}")
     current = getattr(node, head)
     if rest:
         _collect(current, rest, text, full_key, changes.setdefault(head, {}))
@@ -362,4 +443,4 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     except RecipeError:
         raise
     except (TypeError, ValueError) as err:  # a value that a type rejected
-        raise RecipeError(f"{', '.join(overrides)}: {err}") from None
+        raise RecipeError(f"{', '.join(_shown(o) for o in overrides)}: {_shown(str(err))}") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import hashlib
 import json
 import os
@@ -10,32 +12,52 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
+from loaders.checks import screen_splits, screening_lines, screening_record
 from loaders.digits import resolve_data_path
 from loaders.hf import PREFIX as HF_PREFIX
 from loaders.hf import hf_splits
 from loaders.sources import DataError, image_folder_splits, stratified_split
 from trainer.checkpoint import (
     Resumable,
+    StorageError,
     TrainState,
     checkpoint_weights,
+    free_space,
     newest_checkpoint,
     phase_checkpoint,
     read_state,
 )
-from trainer.loop import Splits, train_phase
+from trainer.loop import Diverged, Splits, train_phase
+from trainer.preemption import Preempted, StopSignals
 from trainer.recipe import Phase, Recipe, RecipeError, apply_overrides
-from trainer.tracking import RunLog, start_trackers
-from trainer.transfer import InitError, ensure_head, load_weights, pretrained_file, read_state_file
+from trainer.tracking import RunLog, start_trackers, throughput_summary, write_text_atomic
+from trainer.transfer import (
+    InitError,
+    check_kept_head,
+    ensure_head,
+    fitting_weights,
+    load_weights,
+    pretrained_file,
+    read_state_file,
+)
 
 RUN_INFO = "run.json"
 RESOLVED_RECIPE = "recipe.json"
+BAD_FILES = "bad_files.json"  # what the data check before training skipped, converted and kept
+# Exit codes (besides 0): each says whether a checkpoint was written and what to do next.
+EXIT_BAD_INPUT = 2  # a recipe, argument or dataset problem found before any work
+EXIT_DIVERGED = 3  # max_nonfinite_steps non-finite losses in a row; the last good state was saved
+EXIT_STORAGE = 4  # a checkpoint or log could not be written; the previous checkpoint is intact
+# 130 (SIGINT) and 143 (SIGTERM): preempted; a checkpoint of the step reached was written
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,7 +128,25 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> Path:
     except (RecipeError, DataError) as err:
         # Stops before any work: a clear line and exit status 2, no traceback.
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
+    except Diverged as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_DIVERGED) from None
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_STORAGE) from None
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        # A log or record write (history.jsonl, run.json, ...): checkpoints are written atomically,
+        # so the newest complete one is still there for --resume auto.
+        where = err.filename or "the run folder"
+        print(f"error: cannot write {where}: {err.strerror}; {free_space(Path(where).parent)}. "
+              "Free some space (or make the folder writable) and continue with --resume auto", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_STORAGE) from None
 
 
 def load_splits(recipe: Recipe) -> Splits:
@@ -117,7 +157,21 @@ def load_splits(recipe: Recipe) -> Splits:
         train_src, val_src = hf_splits(recipe.data.path, recipe.data.val_fraction, recipe.seed)
     else:
         train_src, val_src = image_folder_splits(resolve_data_path(recipe.data.path), recipe.data.val_fraction, recipe.seed)
+    # Files the decoder would fail on are found here, by a header check (no decode), on every process
+    # alike: what is skipped is a function of the files' bytes, so all ranks and every resume agree.
+    train_src, val_src = screen_splits(train_src, val_src, recipe.data.bad_files)
     return Splits(train=train_src, val=val_src)
+
+
+def report_bad_files(splits: Splits, recipe: Recipe, run_path: Path, accelerator) -> None:
+    """What the check before training skipped and what the decoder will convert: printed, and listed
+    in <run>/bad_files.json (files a loader replaces later, mid-run, are logged as they are found)."""
+    record = screening_record(splits.train, splits.val, recipe.data.bad_files)
+    path = run_path / BAD_FILES
+    if accelerator.is_main_process:
+        write_text_atomic(path, json.dumps(record, indent=2))
+    for line in screening_lines(record, str(path)):
+        accelerator.print(line)
 
 
 def phase_splits(splits: Splits, recipe: Recipe, index: int, run_path: Path, accelerator) -> tuple[Splits, dict]:
@@ -148,10 +202,24 @@ def phase_splits(splits: Splits, recipe: Recipe, index: int, run_path: Path, acc
 
 
 def initialize(model: torch.nn.Module, recipe: Recipe, phase: Phase, run_path: Path) -> str:
-    """Load the phase's initial weights (weights only; a head of another class count stays new)."""
-    init = phase.init
-    if not init:
+    """Load the phase's initial weights (weights only). A head of another class count stays new, except
+    that a weights file must fit a head the phase keeps (`check_kept_head`)."""
+    if not phase.init:
         return "weights carried over"
+    state, what = initial_state(recipe, phase, run_path)
+    if is_weights_file(phase.init):
+        check_kept_head(model, state, phase, what)
+    skipped = load_weights(model, state, what)
+    return what + (f" (new head: {', '.join(skipped)})" if skipped else "")
+
+
+def is_weights_file(init: str) -> bool:
+    return bool(init) and init != "pretrained" and not init.startswith("phase:")
+
+
+def initial_state(recipe: Recipe, phase: Phase, run_path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights `phase.init` names (not ""), and a description of where they come from."""
+    init = phase.init
     if init.startswith("phase:"):
         source = init[len("phase:"):]
         ckpt = phase_checkpoint(run_path / source)
@@ -163,8 +231,46 @@ def initialize(model: torch.nn.Module, recipe: Recipe, phase: Phase, run_path: P
         state, what = read_state_file(path), f"pretrained {recipe.model.arch} from {path}"
     else:
         state, what = read_state_file(Path(init)), f"weights from {init}"
-    skipped = load_weights(model, state, what)
-    return what + (f" (new head: {', '.join(skipped)})" if skipped else "")
+    return state, what
+
+
+def check_names(recipe: Recipe) -> None:
+    """model.arch and every phase's optimizer are names timm knows: a typo stops here, before any
+    data is read, instead of after the run folder is made."""
+    arch = recipe.model.arch
+    if ":" not in arch and not timm.is_model(arch):  # "hf-hub:..." and "local-dir:..." are timm's to resolve
+        close = difflib.get_close_matches(arch.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+        raise RecipeError(
+            f"model.arch {arch!r} is not a timm model" + (f" (close: {', '.join(close)})" if close else "")
+            + "; list them with: python -c \"import timm; print(timm.list_models('resnet*'))\""
+        )
+    optimizers = timm.optim.list_optimizers()
+    for phase in recipe.phases:
+        name = phase.optimizer.lower().split("_")[-1]  # as timm parses it: "lookahead_adamw" is adamw
+        if name not in optimizers:
+            close = difflib.get_close_matches(name, optimizers, n=5, cutoff=0.6)
+            raise RecipeError(
+                f"phase {phase.name!r}: optimizer {phase.optimizer!r} is not a timm optimizer"
+                + (f" (close: {', '.join(close)})" if close else "") + "; e.g. sgd, momentum, adamw, lamb, lion"
+            )
+
+
+def check_initial_weights(recipe: Recipe, num_classes: int, fresh_from: int) -> None:
+    """Every phase from `fresh_from` on that starts from pretrained weights or a file finds them, and
+    they fit the model as that phase will see it (its head too, when it keeps it). On a model on the
+    meta device: shapes only, no memory and no time spent initialising."""
+    if not any(is_weights_file(p.init) or p.init == "pretrained" for p in recipe.phases[fresh_from:]):
+        return
+    with torch.device("meta"):
+        model = timm.create_model(recipe.model.arch, num_classes=num_classes)
+    for index, phase in enumerate(recipe.phases):
+        if index >= fresh_from and (is_weights_file(phase.init) or phase.init == "pretrained"):
+            state, what = initial_state(recipe, phase, Path())  # the run folder is read only by "phase:" inits
+            if is_weights_file(phase.init):
+                check_kept_head(model, state, phase, what)
+            fitting_weights(model, state, what)
+        with torch.device("meta"):
+            ensure_head(model, phase.head, num_classes, phase.head_dropout)
 
 
 def create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
@@ -178,16 +284,36 @@ def create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     )
 
 
-def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None) -> Path:
-    splits = load_splits(recipe)
-    train_src, val_src = splits.train, splits.val
+# How long a process waits in a collective (all-reduce, barrier) for the others before it fails. A dead
+# process on the same machine is noticed at once (its sockets close, torchrun stops the rest), but one
+# that hangs or whose machine drops off the network would hold every other process for gloo's default
+# of 30 minutes. 10 minutes is NCCL's default and far above the longest wait of a healthy run (the main
+# process writing a checkpoint or its W&B start-up); IMGCLS_COLLECTIVE_TIMEOUT_S changes it.
+COLLECTIVE_TIMEOUT_S = 600.0
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with="wandb" if recipe.logging.wandb else None)
+
+def create_accelerator(log_with: str | None = None) -> Accelerator:
+    """The Accelerator of a training run (and of `python -m trainer eval`): CUDA when there is a GPU."""
+    timeout_s = float(os.environ.get("IMGCLS_COLLECTIVE_TIMEOUT_S", COLLECTIVE_TIMEOUT_S))
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with=log_with,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
+    )
     if accelerator.device.type == "cpu":
         # `accelerate launch` sets OMP_NUM_THREADS=1, which on a CPU-only run leaves cores idle
         # (the quickstart ran 1.7x slower): share this machine's cores among its processes instead.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
+    return accelerator
+
+
+def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None) -> Path:
+    check_names(recipe)
+    splits = load_splits(recipe)
+    train_src, val_src = splits.train, splits.val
+
+    accelerator = create_accelerator(log_with="wandb" if recipe.logging.wandb else None)
     # Every process must agree on the folder (timestamps differ by a second across processes).
     found = [_find_run_dir(recipe, run_dir, resume) if accelerator.is_main_process else None]
     broadcast_object_list(found)
@@ -197,6 +323,10 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
     info_path = run_path / RUN_INFO
     if resume_from is None and info_path.exists() and not resume:
         raise RecipeError(f"{run_path} already holds a run; pass --resume auto to continue it, or another --run-dir")
+    if run_path.exists() and not run_path.is_dir():
+        raise RecipeError(f"--run-dir {run_path} is a file, not a folder")
+    # Initial weights of the phases still to start: found and fitting, before the run folder exists.
+    check_initial_weights(recipe, len(train_src.classes), read_state(resume_from)["phase_index"] + 1 if resume_from else 0)
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info.update(
         recipe=recipe.name,
@@ -212,12 +342,15 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
         classes=list(train_src.classes),
     )
     info.setdefault("phases", {})
+    # wall_s: the run's wall-clock seconds up to its last finished phase, summed over sessions (resumes add theirs).
+    session_start_s, wall_before_s = time.time(), float(info.get("wall_s", 0.0))
     if accelerator.is_main_process:
         run_path.mkdir(parents=True, exist_ok=True)
-        (run_path / RESOLVED_RECIPE).write_text(recipe.to_json())
-        info_path.write_text(json.dumps(info, indent=2))
+        write_text_atomic(run_path / RESOLVED_RECIPE, recipe.to_json())
+        write_text_atomic(info_path, json.dumps(info, indent=2))
     accelerator.wait_for_everyone()
     accelerator.print(f"run folder: {run_path}")
+    report_bad_files(splits, recipe, run_path, accelerator)
 
     if recipe.logging.wandb:
         config = {**recipe.to_dict(), "git": info["git"], "num_processes": accelerator.num_processes}
@@ -231,8 +364,21 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
         start_phase = saved["phase_index"]
         log.rewind(saved["phase_index"], saved["epoch"], saved["total_step"])
         accelerator.print(f"resuming from {resume_from} (phase {saved['phase_name']}, epoch {saved['epoch']}, step {saved['step']})")
+        written_by = len(list(Path(resume_from).glob("random_states_*.pkl")))  # accelerate saves one per process
+        if written_by and written_by != accelerator.num_processes:
+            # The loader keeps the samples already trained on in this epoch and goes on after them
+            # (loaders/dali.py, TrainLoader.load_state_dict); what cannot be kept is said here.
+            accelerator.print(
+                f"note: checkpoint was written by {written_by} processes, resuming on {accelerator.num_processes}: "
+                "the global batch and the LR scaled from it change, and so does the sample order of the rest of "
+                "this epoch; exactness across process counts is not guaranteed"
+            )
+    elif resume:  # killed before its first checkpoint: start over, dropping the records of the steps it lost
+        log.rewind(0, 0, 0)
 
     model = create_model(recipe, num_classes=len(train_src.classes))
+    # SIGTERM/SIGINT from here on: finish the step, checkpoint, exit 143/130 (trainer/preemption.py).
+    signals = StopSignals().install()
     resumable = Resumable()
     accelerator.register_for_checkpointing(resumable)
     num_classes = len(train_src.classes)
@@ -247,7 +393,7 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
         data, subset_counts = phase_splits(splits, recipe, index, run_path, accelerator)
         state = train_phase(
             accelerator, recipe, index, model, data, run_path, state, resumable, log,
-            resume_from=resume_from if resuming else None,
+            resume_from=resume_from if resuming else None, signals=signals,
         )
         # A checksum of the weights on every process: DDP must leave them identical.
         checksum = parameter_checksum(model)
@@ -263,10 +409,18 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
                 "subset_class_counts": subset_counts,
                 "stopped_early": state.stopped_early,
             }
-            info_path.write_text(json.dumps(info, indent=2))
+            info["wall_s"] = wall_before_s + time.time() - session_start_s
+            write_text_atomic(info_path, json.dumps(info, indent=2))
         if len(set(checksums)) != 1:
             raise RuntimeError(f"weights differ across processes after phase {phase.name}: {checksums}")
+    signals.uninstall()
     accelerator.end_training()
+    summary_lines, summary = throughput_summary(log.history())
+    for line in summary_lines:
+        accelerator.print(line)
+    if accelerator.is_main_process:
+        info["throughput"] = summary
+        write_text_atomic(info_path, json.dumps(info, indent=2))
     accelerator.print(f"done. run folder: {run_path}")
     if recipe.push.space and accelerator.is_main_process:
         from trainer.hub import push_in_background  # huggingface_hub only when pushing

@@ -1,4 +1,5 @@
-"""Run records: W&B through accelerate's trackers, plus history.jsonl (per epoch) and steps.jsonl (per step)."""
+"""Run records: W&B through accelerate's trackers, plus history.jsonl (per epoch), steps.jsonl (per step) and
+each phase's eval.json with its W&B confusion matrix and prediction tables."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ def start_trackers(accelerator, *, project: str, run_name: str, run_id: str, run
     )
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole or not at all: a kill mid-write leaves the old file (run.json is read on resume)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -82,6 +91,9 @@ class RunLog:
         if self.enabled:
             _append_jsonl(self.steps_path, record)
 
+    def history(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.history_path)
+
     def rewind(self, phase_index: int, epoch: int, total_step: int) -> None:
         """On resume, drop records newer than the checkpoint: they will be written again, identically."""
         if not self.enabled:
@@ -94,3 +106,101 @@ class RunLog:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
             os.replace(tmp, path)
+
+
+# -- phase-end evaluation --------------------------------------------------------------------------
+
+EVAL_FILE = "eval.json"
+
+
+def write_eval_json(path: Path, record: dict[str, Any]) -> None:
+    """Write an eval record (see `trainer.metrics.eval_report`) whole or not at all: tmp, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _confusion_chart(wandb, confusion: list[list[int]], classes: list[str], title: str):
+    """W&B's confusion-matrix chart built from the matrix itself (wandb.plot.confusion_matrix wants
+    every sample's label again). A W&B table holds at most wandb.Table.MAX_ROWS rows: beyond that many
+    cells, the diagonal and the largest off-diagonal cells are kept (the chart reads absent cells as 0)."""
+    cells = [(t, p, count) for t, row in enumerate(confusion) for p, count in enumerate(row)]
+    if len(cells) > wandb.Table.MAX_ROWS:
+        diagonal = [c for c in cells if c[0] == c[1]]
+        off = sorted((c for c in cells if c[0] != c[1] and c[2] > 0), key=lambda c: -c[2])
+        cells = diagonal + off[: max(0, wandb.Table.MAX_ROWS - len(diagonal))]
+    table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=[[classes[t], classes[p], n] for t, p, n in cells])
+    fields = {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"}
+    return wandb.plot_table("wandb/confusion_matrix/v1", table, fields, {"title": title})
+
+
+def log_phase_eval(accelerator, record: dict[str, Any], predictions: list[dict[str, Any]], predictions_source: str, step: int) -> None:
+    """At a phase's end, on the W&B run (main process only): the confusion matrix of the model (and of
+    the EMA), a per-class table with its accuracy bar chart, and a table of sample predictions with their
+    images. Keys: eval/<phase>/confusion_matrix, ema_confusion_matrix, per_class, per_class_accuracy,
+    predictions."""
+    if not accelerator.is_main_process:
+        return
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    phase, classes = record["phase"], record["classes"]
+    prefix = f"eval/{phase}"
+    model, ema = record["model"], record["ema"]
+    values: dict[str, Any] = {
+        f"{prefix}/confusion_matrix": _confusion_chart(wandb, model["confusion"], classes, f"{phase}: confusion matrix (model)"),
+    }
+    if ema is not None:
+        values[f"{prefix}/ema_confusion_matrix"] = _confusion_chart(wandb, ema["confusion"], classes, f"{phase}: confusion matrix (EMA)")
+    columns = ["class", "accuracy", "precision", "recall", "f1", "support"] + (["ema_accuracy"] if ema is not None else [])
+    rows = []
+    for name in classes:
+        scores = model["per_class"][name]
+        row = [name, scores["accuracy"], scores["precision"], scores["recall"], scores["f1"], scores["support"]]
+        rows.append(row + ([ema["per_class"][name]["accuracy"]] if ema is not None else []))
+    per_class = wandb.Table(columns=columns, data=rows)
+    values[f"{prefix}/per_class"] = per_class
+    values[f"{prefix}/per_class_accuracy"] = wandb.plot.bar(per_class, "class", "accuracy", title=f"{phase}: accuracy per class (model)")
+    values[f"{prefix}/predictions"] = wandb.Table(
+        columns=["image", "true", "predicted", "confidence", "correct", "weights"],
+        data=[
+            [wandb.Image(p["image"]), p["true"], p["predicted"], p["confidence"], p["true"] == p["predicted"], predictions_source]
+            for p in predictions
+        ],
+    )
+    run.log(values, step=step)
+
+
+# Above this share of the epoch spent waiting for batches, the loader is what limits the run.
+LOADER_BOUND_WAIT_SHARE = 0.10
+
+
+def throughput_summary(history: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """One screen on where the time went, per phase: images/s, the share of time waiting for data,
+    step-time percentiles, and whether the loader or the model was the bottleneck."""
+    phases: dict[str, list[dict[str, Any]]] = {}
+    for record in history:
+        if "data_wait_share" in record:
+            phases.setdefault(record["phase"], []).append(record)
+    lines = ["throughput (per phase, mean over epochs):",
+             f"  {'phase':<16}{'images/s':>10}{'data wait':>11}{'step p50':>10}{'step p90':>10}  bottleneck"]
+    summary: dict[str, Any] = {}
+    for name, records in phases.items():
+        means = {key: sum(r[key] for r in records) / len(records) for key in ("images_per_s", "data_wait_share", "step_ms_p50", "step_ms_p90")}
+        wait = means["data_wait_share"]
+        bound = "loader" if wait >= LOADER_BOUND_WAIT_SHARE else "model"
+        summary[name] = {**means, "bottleneck": bound}
+        lines.append(f"  {name:<16}{summary[name]['images_per_s']:>10.0f}{wait:>10.1%}{summary[name]['step_ms_p50']:>8.0f}ms"
+                     f"{summary[name]['step_ms_p90']:>8.0f}ms  {bound}")
+    if not summary:
+        return [], {}
+    worst = max(summary.values(), key=lambda s: s["data_wait_share"])
+    if worst["bottleneck"] == "loader":
+        lines.append(f"  the loader was the bottleneck: the model waited for data {worst['data_wait_share']:.0%} of the time. "
+                     "Try more data.loader_threads, data.decode_device=mixed on a GPU, or a smaller res_px.")
+    else:
+        lines.append(f"  the model was the bottleneck: it waited for data {worst['data_wait_share']:.0%} of the time at most; "
+                     "the loader has headroom.")
+    return lines, summary

@@ -66,6 +66,14 @@ def ensure_head(model: torch.nn.Module, spec: str, num_classes: int, dropout: fl
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
     """Load `state` into `model`; head tensors whose shape differs (another class count) are left as
     initialised. Anything else missing or mis-shaped is an error. Returns the skipped names."""
+    loadable, skipped = fitting_weights(model, state, what)
+    model.load_state_dict(loadable, strict=False)
+    return skipped
+
+
+def fitting_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the tensors of `state` that `load_weights` loads, the head names it skips), or InitError. Shapes
+    only, so a model on the meta device checks a file before any work."""
     own = model.state_dict()
     head = classifier_path(model) + "."
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape and k.startswith(head)]
@@ -78,20 +86,52 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: s
             f"{what} does not fit model {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shapes {wrong[:5]}; check model.arch"
         )
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return skipped
+    return {k: v for k, v in state.items() if k in own}, skipped
+
+
+def _class_count(shapes: dict[str, torch.Size]) -> int:
+    """Classes of a head given its tensors' shapes: the output width of its last matrix ("fc.3.weight" after "fc.0.weight")."""
+    order = {k: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in k.split(".")] for k, v in shapes.items() if len(v) == 2}
+    return shapes[max(order, key=order.get)][0] if order else 0
+
+
+def check_kept_head(model: torch.nn.Module, state: dict[str, torch.Tensor], phase: Phase, what: str) -> None:
+    """A phase that keeps its head (head="") and starts from a weights file must find a head there that
+    fits: `load_weights` would otherwise leave a head of another class count (or shape) randomly
+    initialised without a word, and the phase would train what was meant to be a trained classifier from
+    scratch. A file without a head (a bare backbone) is fine. A new head is asked for with head="linear"."""
+    if phase.head:
+        return
+    prefix = classifier_path(model) + "."
+    own = {k: v.shape for k, v in model.state_dict().items() if k.startswith(prefix)}
+    theirs = {k: v.shape for k, v in state.items() if k.startswith(prefix)}
+    if not theirs or own == theirs:
+        return
+    ours, file_classes = _class_count(own), _class_count(theirs)
+    found = f"{file_classes} classes" if file_classes != ours else f"the same {ours} classes but another shape ({', '.join(f'{k} {tuple(v)}' for k, v in theirs.items())})"
+    raise InitError(
+        f"phase {phase.name!r}: {what} holds a head for {found}, and this phase keeps its head (head=\"\"), "
+        f"which needs one for the data's {ours} classes; to train a new head, set head=\"linear\" (or \"mlp:<hidden>\") "
+        f"on this phase, e.g. --set phases.{phase.name}.head=linear; or check --data and init"
+    )
 
 
 def read_state_file(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InitError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip each raise their own type for a damaged file
+        raise InitError(f"weights file {path} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]}); is it a .safetensors or torch .pth file?") from None
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InitError(f"weights file {path} holds no state dict (name -> tensor)")
+    return state
 
 
 def pretrained_file(arch: str, local_file: str = "") -> Path:

@@ -1,0 +1,238 @@
+"""Bad recipes and arguments stop before any work: exit status 2, one `error:` line naming the problem,
+no traceback, no run folder. Random override strings raise only RecipeError."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import FAST, REPO, recipe_command
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from trainer.recipe import Data, Logging, Model, Phase, Push, Recipe, RecipeError, apply_overrides, recipe_from_dict
+from trainer.run import initialize, run
+
+# -- (a) the override parser under random input ---------------------------------------------------------
+
+BASE = Recipe(name="t", phases=(Phase(name="warm", epochs=3, warmup_epochs=1), Phase(name="full", epochs=5, init="phase:warm")))
+FIELDS = sorted({f.name for cls in (Recipe, Model, Data, Phase, Logging, Push) for f in dataclasses.fields(cls)})
+SEGMENTS = st.one_of(
+    st.sampled_from(FIELDS),
+    st.sampled_from(["phases", "model", "data", "logging", "push", "0", "1", "-1", "-2", "-5", "2", "warm", "full",
+                     "", " ", "epoch", "²", "٣", "99999999999999999999", "phases.0", "0x1", "*"]),
+    st.text(max_size=6),
+)
+VALUES = st.one_of(
+    st.sampled_from(["nan", "-nan", "inf", "-inf", "1e400", "-1e-400", "1e308", "9" * 30, "-9" * 5, "", " ", "()", "[]",
+                     "[1, 2]", "((0.5,1))", "0.5,", ",", ",,", "0,0", "1,0", "nan,1", "true", "True", "none", "null",
+                     "mlp:512", "mlp:0", "mlp:²", "stages:2", "stages:-1", "linear", "phase:warm", "phase:full",
+                     "phase:nope", "pretrained", "²", "٣", "\x00", "1_0", "0x10", "1.5", "-0", "0.0", "..", ".", "a/b",
+                     "resnet18", "fp8", "bf16", "u/n", "/", "\n", "é" * 100]),
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(max_size=12),
+)
+OVERRIDE = st.one_of(
+    st.builds(lambda parts, value: ".".join(parts) + "=" + value, st.lists(SEGMENTS, min_size=1, max_size=4), VALUES),
+    st.text(max_size=20),  # anything at all, with or without "="
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OVERRIDE, min_size=1, max_size=3))
+def test_random_overrides_raise_only_recipe_errors(overrides):
+    try:
+        recipe = apply_overrides(BASE, overrides)
+    except RecipeError as err:
+        assert "\n" not in str(err) and str(err)  # one error line, never empty
+        return
+    # What comes back is a valid recipe that survives recipe.json: strict JSON (no NaN) and validation again.
+    text = json.dumps(recipe.to_dict(), allow_nan=False)
+    assert recipe_from_dict(json.loads(text)) == recipe
+
+
+def test_nan_and_huge_values_are_refused_with_the_key():
+    for override, expected in [
+        ("phases.0.lr_per_256=nan", "phases.0.lr_per_256 takes a finite number, got 'nan'"),
+        ("phases.warm.clip_grad_norm=inf", "takes a finite number"),
+        ("data.mean=nan,0.5,0.5", "data.mean takes a finite number"),
+        ("phases.0.epochs=99999999999999999999", "epochs must be at most 2147483647"),
+        ("phases.0.crop_scale.0=0.5", "'phases.0.crop_scale.0' goes below a plain value"),
+        ("phases.².epochs=2", "unknown phase '²'"),
+        ("phases.0.head=mlp:²", "head must be"),
+    ]:
+        with pytest.raises(RecipeError, match=re.escape(expected)):
+            apply_overrides(BASE, [override])
+
+
+def test_recipe_files_with_wrong_types_stop_at_the_field():
+    """A recipe written in Python skips the parser; the dataclasses check types themselves."""
+    with pytest.raises(RecipeError, match="phase 'main': epochs must be an integer, got '2'"):
+        Phase(epochs="2")
+    with pytest.raises(RecipeError, match="model.drop_rate must be a finite number, got nan"):
+        Model(drop_rate=float("nan"))
+    with pytest.raises(RecipeError, match="phases must be a tuple"):
+        Recipe(name="r", phases=[Phase()])
+
+
+# -- (b) bad command lines ----------------------------------------------------------------------------------
+
+
+def _load_quickstart() -> Recipe:
+    spec = importlib.util.spec_from_file_location("quickstart_recipe", REPO / "recipes" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RECIPE
+
+
+def _weights(path: Path, arch: str, num_classes: int, head: str = "") -> str:
+    model = timm.create_model(arch, num_classes=num_classes)
+    if head:
+        from trainer.transfer import ensure_head
+
+        ensure_head(model, head, num_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Init files next to the 3-class tiny ImageNet: one for 5 classes, one for 3, another arch, a damaged one."""
+    folder = tmp_path_factory.mktemp("inits")
+    (folder / "damaged.safetensors").write_bytes(b"\x00not safetensors" * 10)
+    (folder / "a_file").write_text("not a folder")
+    return {
+        "five": _weights(folder / "five.safetensors", "resnet10t", 5),
+        "three": _weights(folder / "three.safetensors", "resnet10t", 3),
+        "three_mlp": _weights(folder / "three_mlp.safetensors", "resnet10t", 3, head="mlp:16"),
+        "resnet18": _weights(folder / "resnet18.safetensors", "resnet18", 3),
+        "damaged": str(folder / "damaged.safetensors"),
+        "a_file": str(folder / "a_file"),
+    }
+
+
+# (arguments after --data and --run-dir, with "{five}" etc. filled from `files`; what the error line says)
+BAD_COMMAND_LINES = [
+    (["--set", "phases.0.epoch=2"], "unknown key 'epoch' in 'phases.0.epoch' under phases.0 (did you mean 'epochs'?)"),
+    (["--set", "phases.0.epochs=two"], "phases.0.epochs takes an integer, got 'two'"),
+    (["--set", "phases.0.epochs=2.5"], "phases.0.epochs takes an integer, got '2.5'"),
+    (["--set", "phases.0.lr_per_256=nan"], "phases.0.lr_per_256 takes a finite number, got 'nan'"),
+    (["--set", "phases.0.lr_per_256=-0.1"], "lr_per_256 must be positive, got -0.1"),
+    (["--set", "phases.0.batch_size_per_device=0"], "batch_size_per_device must be >= 1, got 0"),
+    (["--set", "phases.0.subset=0"], "subset must be in (0, 1], got 0.0"),
+    (["--set", "phases.0.subset=1.5"], "subset must be in (0, 1], got 1.5"),
+    (["--set", "phases.0.res_px=0"], "res_px and eval_res_px must be >= 8, got 0"),
+    (["--set", "phases.0.res_px=100000"], "must be <= 8192"),
+    (["--set", "phases.0.epochs=99999999999999999999"], "epochs must be at most 2147483647"),
+    (["--set", "phases.0.init=phase:warmup"], "init 'phase:warmup' must name an earlier phase"),
+    (["--set", "phases.5.epochs=2"], "unknown phase '5' in 'phases.5.epochs'"),
+    (["--set", "phases..epochs=2"], "unknown phase '' in 'phases..epochs'"),
+    (["--set", "phases.0.crop_scale=0.5"], "phases.0.crop_scale takes 2 comma-separated values"),
+    (["--set", "phases.0.head=mlp:0"], 'head must be "", "linear" or "mlp:<hidden units'),
+    (["--set", "phases.0.name=.."], "name must be a folder name"),
+    (["--set", "model.channels_last=maybe"], "model.channels_last takes true or false, got 'maybe'"),
+    (["--set", "data.std=0,1,1"], "data.std must be positive"),
+    (["--set", "seed=-1"], "seed must be >= 0, got -1"),
+    (["--set", "logging.run_name=../x"], "logging.run_name must be a folder name"),
+    (["--set", "epochs"], "override 'epochs' is not key=value"),
+    (["--set", "model.arch=resnet181"], "model.arch 'resnet181' is not a timm model (close: resnet18"),
+    (["--set", "phases.0.optimizer=adamww"], "optimizer 'adamww' is not a timm optimizer (close: adamw"),
+    (["--data", "{missing}"], "does not exist"),
+    (["--resume", "{missing}"], "no complete checkpoint in that folder"),
+    (["--set", "phases.0.init={missing}/w.safetensors"], "w.safetensors does not exist"),
+    (["--set", "phases.0.init={damaged}"], "damaged.safetensors cannot be read"),
+    (["--set", "phases.0.init={resnet18}"], "does not fit model ResNet"),
+    (["--set", "phases.0.init={five}"], 'holds a head for 5 classes, and this phase keeps its head (head=""), which needs one for the data\'s 3 classes; to train a new head, set head="linear"'),
+    (["--set", "phases.0.init={three_mlp}"], "holds a head for the same 3 classes but another shape"),
+    (["--set", "phases.0.init=pretrained", "--set", "model.pretrained_file={missing}/w.safetensors"], "w.safetensors does not exist"),
+    (["--run-dir", "{a_file}"], "is a file, not a folder"),
+]
+
+
+def _fill(args: list[str], files: dict[str, str], missing: Path) -> list[str]:
+    return [a.format(missing=missing, **files) for a in args]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_COMMAND_LINES, ids=[" ".join(a)[:60] for a, _ in BAD_COMMAND_LINES])
+def test_bad_command_line_stops_before_any_work(args, expected, tmp_path, tiny_imagenet, files, capsys):
+    """In-process: `run(RECIPE, argv)` is what `python recipes/quickstart.py argv` calls."""
+    run_dir = tmp_path / "run"
+    # FAST first, minus the keys a case sets itself; a later --data or --run-dir wins over these.
+    argv = ["--data", str(tiny_imagenet), "--run-dir", str(run_dir)] + [i for s in FAST if not _overridden(s, args) for i in ("--set", s)]
+    argv += _fill(args, files, tmp_path / "nowhere")
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        run(_load_quickstart(), argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, err
+    assert expected in error_lines[0]
+    assert "Traceback" not in err
+    assert not run_dir.exists()
+    assert time.monotonic() - started < 30
+
+
+def _overridden(fast_setting: str, args: list[str]) -> bool:
+    key = fast_setting.split("=", 1)[0]
+    return any(a.startswith(key + "=") for a in args)
+
+
+# A few as users type them, as real processes (run side by side): nothing but the one line on the way out.
+SUBPROCESS_CASES = [
+    (["--set", "phases.0.lr_per_256=nan"], "takes a finite number"),
+    (["--set", "model.arch=resnet181"], "is not a timm model"),
+    (["--set", "phases.0.init={five}"], "holds a head for 5 classes"),
+]
+
+
+def test_bad_command_lines_as_processes(tmp_path, tiny_imagenet, files, run_env):
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    runs = []
+    for i, (args, expected) in enumerate(SUBPROCESS_CASES):
+        run_dir = tmp_path / f"run{i}"
+        cmd = recipe_command("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), *_fill(args, files, tmp_path))
+        runs.append((subprocess.Popen(cmd, env=run_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), run_dir, expected))
+    for process, run_dir, expected in runs:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 2, err[-3000:]
+        error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and expected in error_lines[0], err[-3000:]
+        assert "Traceback" not in err
+        assert not run_dir.exists()
+    # "Within seconds": CPU time, which other work on a shared machine does not stretch (imports are ~7 s of it).
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    assert cpu_s < 30 * len(runs)
+
+
+# -- the kept-head rule, where it lets runs through -------------------------------------------------------
+
+
+def test_a_fitting_head_or_an_asked_for_new_head_passes(files):
+    model = timm.create_model("resnet10t", num_classes=3)
+    keep = Recipe(name="r", model=Model(arch="resnet10t"), phases=(Phase(init=files["three"]),))
+    assert initialize(model, keep, keep.phases[0], Path()) == f"weights from {files['three']}"
+    assert torch.equal(model.fc.weight, _state(files["three"])["fc.weight"])  # the trained head is kept
+    new = Recipe(name="r", model=Model(arch="resnet10t"), phases=(Phase(init=files["five"], head="linear"),))
+    model = timm.create_model("resnet10t", num_classes=3)
+    said = initialize(model, new, new.phases[0], Path())
+    assert "new head" in said and "fc.weight" in said and "fc.bias" in said
+    assert torch.equal(model.conv1[0].weight, _state(files["five"])["conv1.0.weight"])  # the backbone is loaded
+
+
+def _state(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)

@@ -1,0 +1,314 @@
+"""Faults injected for real into real runs: SIGTERM/SIGINT preemption, NaN losses, a full or read-only disk.
+
+Each interrupted run must stop with its documented exit code and message, leave only complete
+checkpoints, and (where it resumes) end bit-identical to the uninterrupted `reference_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    FAST,
+    REPO,
+    RESUME_SETS,
+    assert_same_weights,
+    final_checkpoint,
+    history_without_timings,
+    recipe_command,
+    run_recipe,
+    two_cpu_launcher,
+)
+
+from trainer.checkpoint import TMP_PREFIX, complete_checkpoints, read_state
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    path = run_dir / "steps.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _start(run_dir: Path, data: Path, env: dict, sets=RESUME_SETS, launcher=None, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        recipe_command("quickstart.py", "--data", str(data), "--run-dir", str(run_dir), sets=sets, launcher=launcher),
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+    )
+
+
+def _wait_for_steps(proc: subprocess.Popen, run_dir: Path, count: int, timeout_s: float = 300) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        steps = _steps(run_dir)
+        if steps and steps[-1]["total_step"] >= count:
+            return steps[-1]["total_step"]
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    raise AssertionError(f"no step {count} within {timeout_s} s")
+
+
+# -- preemption --------------------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, tiny_imagenet, run_env, reference_run):
+    run_dir = tmp_path / "preempted"
+    proc = _start(run_dir, tiny_imagenet, run_env)
+    # Step 6 is mid-epoch (12 per epoch) and just past the step-4 checkpoint: without the signal's
+    # checkpoint, steps 5-6 would be lost.
+    at_step = _wait_for_steps(proc, run_dir, 6)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    stop_s = time.monotonic() - signalled
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM: finishing this step" in err and "continue with --resume auto" in err
+    saved = max(complete_checkpoints(run_dir / "main" / "checkpoints"), key=lambda p: read_state(p)["total_step"])
+    state = read_state(saved)
+    # Within one step of where the signal found it: the step in flight, not more.
+    assert at_step <= state["total_step"] <= at_step + 1 and state["batch"] == state["total_step"] % 12
+    assert state["total_step"] == _steps(run_dir)[-1]["total_step"]  # nothing trained after the checkpoint
+    assert not list((run_dir / "main" / "checkpoints").glob(TMP_PREFIX + "*"))
+    assert stop_s < 60
+
+    resumed = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), "--resume", "auto", env=run_env, sets=RESUME_SETS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {saved}" in resumed.stdout
+    assert history_without_timings(run_dir) == history_without_timings(reference_run)
+    assert_same_weights(reference_run, run_dir)
+
+
+def test_sigint_to_a_two_process_launch_stops_both_at_the_same_step(tmp_path, tiny_imagenet, run_env):
+    """Ctrl-C in a terminal: SIGINT reaches the launcher and both workers, and the launcher forwards
+    it once more. Both workers must stop after the same update with one checkpoint, which resumes."""
+    launcher = two_cpu_launcher(29561)
+    env = {**run_env, "ACCELERATE_USE_CPU": "1"}
+    sets = FAST + ["phases.0.epochs=2", "phases.0.batch_size_per_device=4", "logging.wandb=false"]
+    run_dir = tmp_path / "ddp"
+    proc = _start(run_dir, tiny_imagenet, env, sets=sets, launcher=launcher, start_new_session=True)
+    _wait_for_steps(proc, run_dir, 3)
+    os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("preempted: stopped by SIGINT") == 2, err[-4000:]  # both workers, not one
+    saved = complete_checkpoints(run_dir / "main" / "checkpoints")
+    assert len(saved) == 1
+    state = read_state(saved[0])
+    assert 0 < state["batch"] < 12  # mid-epoch: 96 images / 2 processes / batches of 4
+
+    resumed = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), "--resume", "auto", env=env, sets=sets, launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = _steps(run_dir)
+    assert [s["total_step"] for s in steps] == list(range(1, 25))  # 2 epochs x 12, none lost or doubled
+    assert json.loads((run_dir / "run.json").read_text())["num_processes"] == 2
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    """The handler on its own, with real signals: the first asks for a checkpoint, a repeat within
+    the same request window is ignored (the launcher's forward), a later one exits immediately."""
+    script = tmp_path / "signals.py"
+    script.write_text(textwrap.dedent(
+        """
+        import os, signal, sys, time
+        sys.path.insert(0, sys.argv[1])
+        from trainer.preemption import SAME_REQUEST_S, StopSignals
+        signals = StopSignals().install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the same request, forwarded: ignored
+        time.sleep(0.1)
+        print("requested", signals.requested, flush=True)
+        time.sleep(SAME_REQUEST_S + 0.2)
+        print("sending again", time.monotonic(), flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        print("still running", flush=True)
+        """
+    ))
+    done = subprocess.run([sys.executable, str(script), str(REPO)], capture_output=True, text=True, timeout=60)
+    ended = time.monotonic()
+    assert done.returncode == 143, done.stderr
+    assert f"requested {int(signal.SIGTERM)}" in done.stdout and "still running" not in done.stdout
+    sent_at = float(done.stdout.split("sending again")[1].split()[0])
+    assert ended - sent_at < 5  # at once, not after the 30 s sleep
+    assert "again: exiting without a checkpoint" in done.stderr
+
+
+# -- non-finite losses -------------------------------------------------------------------------------
+
+POISON = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from trainer.__main__ import load_recipe
+
+run_module = sys.modules["trainer.run"]  # the module: `trainer.run` the attribute is the function
+
+BAD_FORWARDS = {bad!r}  # training forward passes (1-based) whose input batch becomes NaN
+create_model = run_module.create_model
+
+
+def poisoned(recipe, num_classes):
+    model = create_model(recipe, num_classes)
+    count = [0]
+
+    def nan_input(module, args):
+        if module.training:
+            count[0] += 1
+            if count[0] in BAD_FORWARDS or (BAD_FORWARDS and count[0] > max(BAD_FORWARDS) and {forever!r}):
+                return (args[0] * float("nan"),)
+
+    # NaN enters the first layer, so BatchNorm statistics see it too (the loop must put them back).
+    model.register_forward_pre_hook(nan_input)
+    return model
+
+
+run_module.create_model = poisoned
+run_module.run(load_recipe({recipe!r}), sys.argv[1:])
+"""
+
+
+def _poisoned_run(tmp_path, tiny_imagenet, run_env, run_dir, bad, forever, sets, resume=()):
+    script = tmp_path / f"poison-{run_dir.name}.py"
+    script.write_text(POISON.format(repo=str(REPO), bad=set(bad), forever=forever, recipe=str(REPO / "recipes" / "quickstart.py")))
+    cmd = [sys.executable, str(script), "--data", str(tiny_imagenet), "--run-dir", str(run_dir), *resume]
+    for item in sets:
+        cmd += ["--set", item]
+    return subprocess.run(cmd, env=run_env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _all_finite(tensors: dict) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+SETS_NAN = FAST + ["phases.0.epochs=2", "phases.0.ema_decay=0.9", "logging.wandb=false", "phases.0.max_nonfinite_steps=3"]
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path, tiny_imagenet, run_env):
+    run_dir = tmp_path / "transient"
+    done = _poisoned_run(tmp_path, tiny_imagenet, run_env, run_dir, bad=[4, 5, 15], forever=False, sets=SETS_NAN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = [s for s in _steps(run_dir) if s.get("skipped")]
+    assert [s["total_step"] for s in skipped] == [4, 5, 15]
+    assert "step 4: non-finite loss, update skipped (1 in a row" in done.stdout
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [h["skipped_steps"] for h in history] == [2, 1]
+    assert all(h["train_loss"] == h["train_loss"] for h in history)  # not NaN: skipped losses are left out
+    weights, ema, state = final_checkpoint(run_dir)
+    assert state["skipped_steps"] == 3 and state["total_step"] == 24
+    assert _all_finite(weights) and _all_finite(ema)  # BatchNorm running stats included
+    assert all(h["val_loss"] < 10 for h in history)  # evaluation with the restored statistics is sound
+
+
+def test_nan_every_step_stops_with_the_last_good_state(tmp_path, tiny_imagenet, run_env):
+    run_dir = tmp_path / "diverged"
+    done = _poisoned_run(tmp_path, tiny_imagenet, run_env, run_dir, bad=[6], forever=True, sets=SETS_NAN)
+    assert done.returncode == 3, done.stderr[-3000:]
+    message = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "3 updates in a row had a non-finite loss" in message[0] and "lr_per_256" in message[0]
+    assert "Traceback" not in done.stderr
+    weights, ema, state = final_checkpoint(run_dir)
+    assert state["total_step"] == 8 and state["nonfinite_streak"] == 3  # steps 6, 7, 8
+    assert _all_finite(weights) and _all_finite(ema)
+    # The data was the fault: resumed without it, the run carries on from the saved state to the end.
+    resumed = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), "--resume", "auto", env=run_env, sets=SETS_NAN)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert final_checkpoint(run_dir)[2]["total_step"] == 24
+
+
+# -- storage -----------------------------------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+
+
+class Tmpfs:
+    """A real small filesystem: `mount -t tmpfs` (root, as CI runs), unmounted at the end."""
+
+    def __init__(self, path: Path, size_mib: int) -> None:
+        self.path = path
+        path.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)], check=True)
+
+    def remount(self, mode: str) -> None:
+        for _ in range(200):  # "busy" while a file there is open for writing: try again a moment later
+            if subprocess.run(["mount", "-o", f"remount,{mode}", str(self.path)], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.005)
+        raise AssertionError(f"could not remount {self.path} {mode}")
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.fixture
+def tmpfs_factory(tmp_path):
+    made = []
+
+    def make(name: str, size_mib: int) -> Tmpfs:
+        made.append(Tmpfs(tmp_path / name, size_mib))
+        return made[-1]
+
+    yield make
+    for fs in made:
+        fs.close()
+
+
+def _checkpoint_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {f"{c.name}/{f.name}": f.read_bytes() for c in complete_checkpoints(run_dir / "main" / "checkpoints") for f in c.iterdir()}
+
+
+@needs_root
+def test_full_disk_keeps_the_previous_checkpoint_and_says_where(tmp_path, tiny_imagenet, run_env, reference_run, tmpfs_factory):
+    # One checkpoint of this model (weights, AdamW state, EMA) is ~76 MiB: the second cannot fit.
+    disk = tmpfs_factory("small-disk", 120)
+    run_dir = disk.path / "run"
+    done = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=run_env, sets=RESUME_SETS)
+    assert done.returncode == 4, done.stderr[-3000:]
+    message = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "Traceback" not in done.stderr
+    assert "cannot write checkpoint" in message[0] and "step_00000008" in message[0]
+    assert "No space left on device" in message[0] and f"MiB free on {run_dir / 'main' / 'checkpoints'}" in message[0]
+    assert "step_00000004 is intact" in message[0]
+    kept = complete_checkpoints(run_dir / "main" / "checkpoints")
+    assert [p.name for p in kept] == ["step_00000004"]
+    assert not list((run_dir / "main" / "checkpoints").glob(TMP_PREFIX + "*"))  # the half-written one is gone
+
+    # On a disk with room, the kept checkpoint carries the run to the reference's exact end.
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    resumed = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(moved), "--resume", "auto", env=run_env, sets=RESUME_SETS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(reference_run, moved)
+
+
+@needs_root
+def test_read_only_disk_mid_run_stops_cleanly_and_resumes(tmp_path, tiny_imagenet, run_env, reference_run, tmpfs_factory):
+    disk = tmpfs_factory("flaky-disk", 1024)
+    run_dir = disk.path / "run"
+    proc = _start(run_dir, tiny_imagenet, run_env)
+    deadline = time.monotonic() + 300
+    while not complete_checkpoints(run_dir / "main" / "checkpoints"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    disk.remount("ro")
+    before = _checkpoint_bytes(run_dir)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 4, err[-3000:]
+    message = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "Read-only file system" in message[0] and str(run_dir) in message[0], err[-3000:]
+    assert "Traceback" not in err
+    assert _checkpoint_bytes(run_dir) == before  # nothing of the checkpoints changed or vanished
+
+    disk.remount("rw")
+    resumed = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), "--resume", "auto", env=run_env, sets=RESUME_SETS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(reference_run, run_dir)
