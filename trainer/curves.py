@@ -6,7 +6,8 @@ generalisation gap (val loss − train loss). The x axis counts epochs across al
 each phase boundary, with the phase's name above its stretch. history.jsonl is the source of truth
 (it is rewound on resume, so the figure never shows epochs a resumed run threw away).
 
-The loop redraws the figure at every epoch end (`redraw_curves`, main process only), written to a
+The loop redraws the figure at epoch ends at most every CURVES_EVERY_S seconds and at each phase's
+last epoch (`redraw_curves`, main process only), written to a
 temporary file and renamed, so a reader never sees half a PNG.
 """
 

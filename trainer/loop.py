@@ -197,6 +197,9 @@ def build_criterion(phase: Phase, num_classes: int):
     return mixup, loss
 
 
+CURVES_EVERY_S = 30.0  # curves.png is redrawn at an epoch's end at most this often (and at a phase's end)
+
+
 class Diverged(Exception):
     """`max_nonfinite_steps` updates in a row had a non-finite loss; the last good state was saved."""
 
@@ -285,6 +288,7 @@ def train_phase(
     checkpoints_dir = run_dir / phase.name / "checkpoints"
     accum = phase.grad_accum_steps
     signals = signals or StopSignals()  # not installed: never set (benchmarks, in-process callers)
+    curves_drawn_at = -math.inf
     # BatchNorm running statistics move in the forward pass, before the loss can be checked: kept
     # from the start of each update so a skipped (non-finite) update leaves no trace in them.
     buffers = [b for b in raw_model.buffers() if b.is_floating_point()]
@@ -461,8 +465,13 @@ def train_phase(
         state.stopped_early = bool(phase.early_stop_patience and state.early_bad_epochs >= phase.early_stop_patience)
         record["early_stopped"] = state.stopped_early
         log.epoch(record)
-        if accelerator.is_main_process:  # curves.png, redrawn from history.jsonl; a plotting error is printed, never raised
+        # curves.png, redrawn from history.jsonl (a plotting error is printed, never raised). A redraw
+        # costs ~1 s of this 2-core CPU: with epochs shorter than CURVES_EVERY_S it waits for the next
+        # one, except at the phase's last epoch.
+        redraw_due = time.monotonic() - curves_drawn_at >= CURVES_EVERY_S or epoch + 1 == phase.epochs or state.stopped_early
+        if accelerator.is_main_process and redraw_due:
             redraw_curves(run_dir)
+            curves_drawn_at = time.monotonic()
         scalars = {
             "train/epoch_loss": train_loss,
             "train/images_per_s": record["images_per_s"],
