@@ -19,7 +19,7 @@ from trainer.checkpoint import phase_checkpoint
 from trainer.curves import epoch_positions
 from trainer.recipe import RecipeError
 from trainer.run import RESOLVED_RECIPE, RUN_INFO
-from trainer.tracking import HISTORY, read_jsonl
+from trainer.tracking import HISTORY, read_jsonl, write_atomic
 
 # Buffers that safetensors stores beside the weights: counted as state, not as parameters.
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -160,8 +160,4 @@ def plot_comparison(runs: list[RunSummary], out: str | os.PathLike) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     fig.subplots_adjust(left=0.09, right=0.98, bottom=0.1, top=0.93)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lstrip(".") or "png"))

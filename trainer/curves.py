@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.tracking import HISTORY, STEPS, read_jsonl
+from trainer.tracking import HISTORY, STEPS, read_jsonl, write_atomic
 
 CURVES = "curves.png"
 FIGURE_SIZE_IN = (11.0, 7.5)
@@ -133,15 +133,7 @@ def draw_curves(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     # Fixed margins: tight_layout measured every tick label and took 0.3 s of a 0.6 s redraw.
     fig.subplots_adjust(left=0.07, right=0.985, bottom=0.075, top=0.87, wspace=0.2, hspace=0.32)
 
-    out = Path(out) if out is not None else run_dir / CURVES
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a PNG behind
-    return out
+    return write_atomic(Path(out) if out is not None else run_dir / CURVES, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def redraw_curves(run_dir: str | os.PathLike) -> None:

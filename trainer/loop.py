@@ -24,7 +24,7 @@ from loaders.sources import ImageFolderSource
 from trainer.checkpoint import Resumable, TrainState, checkpoint_name, read_state, save_checkpoint
 from trainer.curves import redraw_curves
 from trainer.metrics import eval_report, evaluate, sample_indices, sample_predictions
-from trainer.preemption import Preempted, StopSignals
+from trainer.preemption import Preempted, StopSignals, agreed_max
 from trainer.recipe import Phase, Recipe
 from trainer.tracking import EVAL_FILE, RunLog, log_phase_eval, write_eval_json
 from trainer.transfer import (
@@ -364,11 +364,8 @@ def train_phase(
                 batch_seconds.append(batch_done - arrived)
                 continue
             # One small all-reduce decides for every process, so all skip or stop on the same update:
-            # [stop signal, non-finite loss on any rank]. Its `.item()` is the step's one sync point.
-            flags = torch.stack([torch.tensor(signals.requested, device=device), bad_loss.long()])
-            if world > 1:
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            stop_signal, skip = flags.tolist()
+            # [stop signal, non-finite loss on any rank]. Reading the loss flag is the step's one sync point.
+            stop_signal, skip = agreed_max(accelerator, [signals.requested, int(bad_loss)])
             bad_loss.zero_()
             if skip:
                 # Drop this update: no optimizer step, no EMA update, BatchNorm statistics put back.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from trainer.loop import autocast_for, build_criterion, build_loaders, build_optimizer, resolve_precision
 from trainer.recipe import Recipe, RecipeError
 from trainer.run import create_model, initialize, load_splits
+from trainer.tracking import write_atomic
 from trainer.transfer import apply_freeze, ensure_head, freeze_batchnorm_stats
 
 SMOOTHING_BETA = 0.98  # fastai's: an exponential average over ~50 steps
@@ -201,13 +201,6 @@ def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: flo
     return result
 
 
-def _write_atomic(path: Path, write) -> None:
-    # A partial file never stands under the final name (an interrupted run leaves only .tmp).
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_plot(result: LRFindResult, path: Path) -> None:
     """Loss (faint) and smoothed loss against the LR on a log axis, the suggestion marked."""
     # The Agg canvas on a bare Figure: files only, no display needed, and no global pyplot/backend state.
@@ -233,7 +226,7 @@ def save_plot(result: LRFindResult, path: Path) -> None:
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png"))
 
 
 def save_result(result: LRFindResult, plot_path: Path) -> Path:
@@ -241,5 +234,5 @@ def save_result(result: LRFindResult, plot_path: Path) -> Path:
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     save_plot(result, plot_path)
     json_path = plot_path.with_suffix(".json")
-    _write_atomic(json_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2)))
+    write_atomic(json_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2)))
     return json_path

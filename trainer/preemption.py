@@ -67,11 +67,16 @@ class StopSignals:
         os._exit(EXIT_CODES.get(signal.Signals(self.requested), 128 + self.requested))
 
     def should_stop(self, accelerator) -> int:
-        """The signal to stop on, agreed by all processes (0 = go on). One tiny all-reduce per call
-        on more than one process: a signal reaches ranks at slightly different steps."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([self.requested], dtype=torch.int64, device=accelerator.device)
-        # MAX: a rank that got no signal stops on the one another rank got.
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+        """The signal to stop on, agreed by all processes (0 = go on): a signal reaches ranks at
+        slightly different steps."""
+        return agreed_max(accelerator, [self.requested])[0]
+
+
+def agreed_max(accelerator, values: list[int]) -> list[int]:
+    """Each value's maximum over all processes (one small all-reduce; none on one process), so a
+    rank that saw no signal or no bad loss acts on what another rank saw, and all act alike."""
+    if accelerator.num_processes == 1:
+        return values
+    flags = torch.tensor(values, dtype=torch.int64, device=accelerator.device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return flags.tolist()

@@ -186,10 +186,7 @@ def phase_splits(splits: Splits, recipe: Recipe, index: int, run_path: Path, acc
         _, chosen = stratified_split(splits.train.labels, phase.subset, seed=recipe.seed + 7919 * (index + 1))
         chosen_src = splits.train.subset(chosen)
         record = {"fraction": phase.subset, "indices": chosen.tolist(), "class_counts": chosen_src.class_counts()}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(cache)
+        write_text_atomic(cache, json.dumps(record))
     accelerator.wait_for_everyone()
     record = json.loads(cache.read_text())
     subset = splits.train.subset(record["indices"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,23 @@ def start_trackers(accelerator, *, project: str, run_name: str, run_id: str, run
     )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` whole or not at all: a kill mid-write leaves the old file (run.json is read on resume)."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)`, then rename tmp over `path`: the file is replaced whole or not at all (a kill
+    mid-write leaves the old one; run.json, history.jsonl and subset.json are read on resume). The
+    temporary file is removed if writing fails, so a full disk leaves no half file behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -103,9 +115,7 @@ class RunLog:
         ]
         steps = [r for r in read_jsonl(self.steps_path) if r["total_step"] <= total_step]
         for path, records in ((self.history_path, history), (self.steps_path, steps)):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # -- phase-end evaluation --------------------------------------------------------------------------
@@ -115,11 +125,7 @@ EVAL_FILE = "eval.json"
 
 def write_eval_json(path: Path, record: dict[str, Any]) -> None:
     """Write an eval record (see `trainer.metrics.eval_report`) whole or not at all: tmp, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def _confusion_chart(wandb, confusion: list[list[int]], classes: list[str], title: str):
