@@ -1,9 +1,10 @@
 # The two commands: `make demo` (set up + train the quickstart) and `make test` (set up + test suite).
+# `make test-fast`: the in-process unit tests alone (tests/unit), to run while changing code.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean browser
+.PHONY: demo test test-fast bench lint clean browser
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# tests/test_space.py drives Debian's chromium through playwright (never `playwright install`: no browser
+# tests/end_to_end/test_space.py drives Debian's chromium through playwright (never `playwright install`: no browser
 # downloads). CI runs as root; a machine that has chromium skips this.
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
@@ -24,6 +25,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests/unit
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/loader.py

@@ -194,8 +194,8 @@ def main() -> None:
     config = CPU_DRY_RUN if args.dry_run_cpu else GPU
     if config.device == "cuda" and not torch.cuda.is_available():
         print(
-            "gpu_check: no CUDA device here, nothing to measure. Run it on the GPU machine "
-            "(see shared/gpu/README.md), or pass --dry-run-cpu to test the script on the CPU.",
+            "gpu_check: no CUDA device here, nothing to measure. Run it on a machine with a CUDA GPU, "
+            "or pass --dry-run-cpu to test the script on the CPU.",
             file=sys.stderr,
         )
         raise SystemExit(2)

@@ -51,7 +51,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 from torchvision import datasets, transforms
 
-from loaders.dali import IMAGENET_MEAN, IMAGENET_STD, TrainLoader
+from loaders import IMAGENET_MEAN, IMAGENET_STD
+from loaders.dali import TrainLoader
 from loaders.sources import scan_image_folder
 
 CACHE = Path(__file__).resolve().parent / ".cache"

@@ -54,7 +54,8 @@ from timm.optim import create_optimizer_v2
 
 from loaders.sources import ImageFolderSource
 from trainer.checkpoint import Resumable, TrainState
-from trainer.loop import Splits, train_phase
+from trainer.data import Splits
+from trainer.loop import train_phase
 from trainer.recipe import Logging, Model, Phase, Recipe
 from trainer.tracking import RunLog
 
@@ -169,7 +170,7 @@ def bench_recipe(runs_root: Path, epochs: int) -> Recipe:
 
 
 def run_interleaved(rounds: int, warmup_steps: int, timed_steps: int) -> InterleavedLoader:
-    """One `train_phase` of `rounds` epochs, set up as `trainer.run.train` sets it up, raw steps in between."""
+    """One `train_phase` of `rounds` epochs, set up as `trainer.launch.train` sets it up, raw steps in between."""
     torch.manual_seed(0)
     initial = timm.create_model(ARCH, num_classes=NUM_CLASSES)
     batches = make_batches(DISTINCT_BATCHES)
@@ -196,7 +197,7 @@ def run_interleaved(rounds: int, warmup_steps: int, timed_steps: int) -> Interle
                 run_dir,
                 TrainState(),
                 resumable,
-                RunLog(run_dir, enabled=True),
+                RunLog(run_dir, accelerator),
                 make_loaders=lambda phase, accelerator: (loader, val_loader),
             )
     return loader

@@ -5,13 +5,14 @@ iteration counter to (epoch, batch) and from there, through `loaders.order`, to 
 augmentation draws and the epoch's resolution. All randomness is drawn in numpy from
 (seed, epoch, sample index) and passed into the graph, so DALI holds no state worth saving: resume
 rebuilds the pipeline at (epoch, batch) and produces the same pixels as a run that never stopped.
+Both loaders are `loaders.recovery.DecodingStream`s: a file that fails only in the decoder is found,
+replaced by a stand-in, and the pipeline restarts at the same batch.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,14 +24,9 @@ from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.pipeline import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from loaders import order
-from loaders.checks import BadFile, Header, read_header
-from loaders.sources import DataError, ImageFolderSource
-
-_log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from loaders import IMAGENET_MEAN, IMAGENET_STD, order
+from loaders.recovery import DecodingStream, SampleGuard
+from loaders.sources import ImageFolderSource
 
 # Uniform draws per sample: crop area, crop log-aspect, crop x, crop y, flip.
 _DRAWS = 5
@@ -310,149 +306,12 @@ def _build_eval_pipeline(callback, *, batch_size, num_threads, device_id, decode
     return pipe
 
 
-_DECODE_BATCH = 32
-_DECODE_BATCH_PIXELS = 100_000_000  # decoded pixels per batch (300 MB of RGB): huge images go a few at a time
-
-
-def _decoder(batch_size: int, num_threads: int) -> Pipeline:
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1, exec_dynamic=True)
-    with pipe:
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-        pipe.set_outputs(fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False))
-    pipe.build()
-    return pipe
-
-
-def _dali_reason(err: Exception) -> str:
-    """Why DALI's decoder failed, in its own words when it gives any (its "Failed to decode sample #0"
-    and "nvImageCodec failure: '#4'" say nothing; the codec's reason went to stderr, e.g. "CRC error")."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    said = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else ""
-    if not said or said.startswith(("Failed to decode sample", "nvImageCodec failure", "Current pipeline")):
-        return "DALI's decoder fails on it: the image data are damaged (the header is fine)"
-    return f"DALI's decoder fails on it ({said})"
-
-
-def decode_failures(
-    samples: Sequence,
-    headers: Sequence[Header] | None = None,
-    *,
-    num_threads: int = 1,
-    progress: Callable[[int], object] | None = None,
-) -> dict[int, str]:
-    """{index: why} for the samples (encoded bytes, or file paths) that DALI's CPU decoder fails on.
-
-    A decode error invalidates a DALI pipeline, so samples go through in batches and a failed batch is
-    retried one sample at a time on fresh pipelines. `headers` (their sizes) keep a batch under
-    _DECODE_BATCH_PIXELS decoded pixels.
-    """
-    def load(sample) -> np.ndarray:
-        return np.fromfile(sample, dtype=np.uint8) if isinstance(sample, str) else np.asarray(sample, dtype=np.uint8)
-
-    groups, group, pixels = [], [], 0
-    for index in range(len(samples)):
-        size = headers[index].height * headers[index].width if headers is not None else 0
-        if group and (len(group) == _DECODE_BATCH or pixels + size > _DECODE_BATCH_PIXELS):
-            groups.append(group)
-            group, pixels = [], 0
-        group.append(index)
-        pixels += size
-    if group:
-        groups.append(group)
-
-    failures: dict[int, str] = {}
-    pipe = None
-    for group in groups:
-        loaded = {}
-        for index in group:
-            try:
-                loaded[index] = load(samples[index])
-            except OSError as err:
-                failures[index] = f"cannot read it ({type(err).__name__}: {err.strerror or err})"
-        batch = [i for i in group if i in loaded]
-        pipe = pipe or _decoder(_DECODE_BATCH, num_threads)
-        try:
-            if batch:
-                pipe.feed_input("encoded", [loaded[i] for i in batch])
-                pipe.run()
-        except RuntimeError:
-            pipe = None
-            for index in batch:
-                pipe = pipe or _decoder(_DECODE_BATCH, num_threads)
-                try:
-                    pipe.feed_input("encoded", [loaded[index]])
-                    pipe.run()
-                except RuntimeError as err:
-                    failures[index] = _dali_reason(err)
-                    pipe = None
-        if progress is not None:
-            progress(len(group))
-    return failures
-
-
-class _SampleGuard:
-    """What a loader's feed does about a sample the decoder would fail on (found by the structural check
-    on the bytes it just read, or by a DALI decode error): hands over a stand-in instead, so batch sizes,
-    and with them every rank's step count, stay the same. Each such sample is logged with its path."""
-
-    def __init__(self, source, what: str, rank: int) -> None:
-        self.source, self.what, self.rank = source, what, rank
-        self.bad: dict[int, str] = {}  # sample index -> why, in the order found
-        self._stand_in: tuple[int, np.ndarray, Header] | None = None
-
-    def read(self, index: int) -> tuple[np.ndarray, Header] | None:
-        """The sample's bytes and header, or None when it must be replaced."""
-        if index in self.bad:
-            return None
-        try:
-            data = self.source.read(index)
-            return data, read_header(data)
-        except (OSError, BadFile, DataError) as err:
-            self.mark(int(index), str(err))
-            return None
-
-    def mark(self, index: int, why: str) -> None:
-        if index in self.bad:
-            return
-        self.bad[index] = why
-        _log.warning(
-            "bad %s file replaced: %s (%s); %d so far on rank %d",
-            self.what, self.source.name(index), why, len(self.bad), self.rank,
-        )
-
-    def stand_in(self) -> tuple[int, np.ndarray, Header]:
-        """The first sample of the source that passes the check and decodes (a fixed choice: deterministic)."""
-        while self._stand_in is None:
-            index = next((i for i in range(len(self.source)) if i not in self.bad), None)
-            if index is None:
-                raise DataError(f"none of the {len(self.source)} {self.what} images can be decoded")
-            got = self.read(index)
-            if got is None:
-                continue
-            failed = decode_failures([got[0]])
-            if failed:
-                self.mark(index, failed[0])
-                continue
-            self._stand_in = (index, *got)
-        return self._stand_in
-
-    def find_undecodable(self, indices: Sequence[int], error: RuntimeError) -> None:
-        """After a DALI decode error: mark the samples among `indices` that fail alone; re-raise if none does."""
-        candidates = sorted({int(i) for i in indices if int(i) not in self.bad})
-        loaded = {i: got[0] for i in candidates if (got := self.read(i)) is not None}
-        failed = decode_failures(list(loaded.values()))
-        if not failed and len(loaded) == len(candidates):
-            raise error
-        for position, why in failed.items():
-            self.mark(list(loaded)[position], why)
-
-
 def _to_nchw(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     # NHWC from DALI viewed as NCHW is exactly torch's channels_last layout: no copy.
     return images.permute(0, 3, 1, 2) if channels_last else images
 
 
-class TrainLoader:
+class TrainLoader(DecodingStream):
     """Infinite stream of training batches for one rank, positioned by (epoch, batch).
 
     `res_px_for_epoch` makes progressive resizing a schedule: the resolution is an input of the graph,
@@ -499,7 +358,7 @@ class TrainLoader:
         self.batch = 0  # index of the next batch to hand out within self.epoch
         self._iterator = None
         self._cache_epoch = None
-        self.guard = _SampleGuard(source, "training", rank)
+        self.guard = SampleGuard(source, "training", rank)
         self._last_fed = -1  # flat position (epoch * batches_per_epoch + batch) of the newest batch fed
 
     # -- position, for checkpoints -------------------------------------------------------------
@@ -583,29 +442,13 @@ class TrainLoader:
             list(windows),
         )
 
-    def _recover(self, error: RuntimeError) -> None:
-        """After a DALI decode error (the pipeline is then unusable): find the culprits among the batches
-        fed but not handed out, and mark them for replacement; the pipeline then restarts at the current
-        batch. Every sample is a pure function of (epoch, batch), so the restart yields what the run
-        would have yielded had the files been marked from the start."""
-        first = self.epoch * self.batches_per_epoch + self.batch
-        suspects = []
-        for flat in range(first, max(first, self._last_fed) + 1):
-            epoch, batch = divmod(flat, self.batches_per_epoch)
-            suspects.extend(self._epoch_tables(epoch)[0][batch * self.batch_size : (batch + 1) * self.batch_size])
-        self.guard.find_undecodable(suspects, error)
+    # -- what DecodingStream needs to recover from a decode error -------------------------------
+    def _next_flat(self) -> int:
+        return self.epoch * self.batches_per_epoch + self.batch
 
-    def _next_output(self) -> dict:
-        """The next batch from DALI, recovering from decode errors (DALIGenericIterator decodes its first
-        batch while it is built, so building the pipeline can fail too)."""
-        while True:
-            try:
-                if self._iterator is None:
-                    self._start_pipeline()
-                return next(self._iterator)[0]
-            except RuntimeError as error:  # a file the structural check let through failed to decode
-                self._iterator = None
-                self._recover(error)
+    def _batch_samples(self, flat: int) -> np.ndarray:
+        epoch, batch = divmod(flat, self.batches_per_epoch)
+        return self._epoch_tables(epoch)[0][batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def _start_pipeline(self) -> None:
         self._start = (self.epoch, self.batch)
@@ -635,7 +478,7 @@ class TrainLoader:
         self.epoch, self.batch = epoch + 1, 0
 
 
-class EvalLoader:
+class EvalLoader(DecodingStream):
     """The eval set for one rank: each sample once across ranks, padding labelled -1."""
 
     def __init__(
@@ -672,9 +515,9 @@ class EvalLoader:
             channels_last=channels_last,
         )
         self._iterator = None
-        self.guard = _SampleGuard(source, "val", rank)
-        self._next_flat = 0  # batches handed out so far, over all passes
-        self._first_flat = 0  # the value of _next_flat when the pipeline started
+        self.guard = SampleGuard(source, "val", rank)
+        self._handed_out = 0  # batches handed out so far, over all passes
+        self._first_flat = 0  # the value of _handed_out when the pipeline started
         self._last_fed = -1
 
     def _feed(self, info):
@@ -697,26 +540,20 @@ class EvalLoader:
         return self.num_batches
 
     def _start_pipeline(self) -> None:
-        self._first_flat = self._next_flat
-        self._last_fed = self._next_flat - 1
+        self._first_flat = self._handed_out
+        self._last_fed = self._handed_out - 1
         pipe = _build_eval_pipeline(self._feed, **self._pipe_args)
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
 
+    def _next_flat(self) -> int:
+        return self._handed_out
+
+    def _batch_samples(self, flat: int) -> np.ndarray:
+        batch = flat % self.num_batches
+        return np.maximum(self.indices[batch * self.batch_size : (batch + 1) * self.batch_size], 0)  # padding decodes sample 0
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _ in range(self.num_batches):
-            while True:
-                try:
-                    if self._iterator is None:
-                        self._start_pipeline()
-                    out = next(self._iterator)[0]
-                    break
-                except RuntimeError as error:  # as in TrainLoader: find the file, replace it, restart here
-                    self._iterator = None
-                    suspects = []
-                    for flat in range(self._next_flat, max(self._next_flat, self._last_fed) + 1):
-                        batch = flat % self.num_batches
-                        chosen = self.indices[batch * self.batch_size : (batch + 1) * self.batch_size]
-                        suspects.extend(np.maximum(chosen, 0))  # padding decodes sample 0
-                    self.guard.find_undecodable(suspects, error)
-            self._next_flat += 1
+            out = self._next_output()
+            self._handed_out += 1
             yield _to_nchw(out["images"], self.channels_last), out["labels"].view(-1)

@@ -27,7 +27,7 @@ class HFDatasetSource:
     image_column: str
     labels: np.ndarray
     classes: tuple[str, ...]
-    findings: tuple = ()  # what the check before training found (loaders.checks.Finding)
+    findings: tuple = ()  # what the check before training found (loaders.screening.Finding)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -22,7 +22,7 @@ class ImageFolderSource:
     files: tuple[str, ...]
     labels: np.ndarray  # int64, one per file
     classes: tuple[str, ...]
-    # What the check before training found (loaders.checks.Finding): the files it left out, and the
+    # What the check before training found (loaders.screening.Finding): the files it left out, and the
     # converted, huge and tiny ones it kept. Empty when the source was not screened.
     findings: tuple = ()
 
@@ -49,18 +49,6 @@ class ImageFolderSource:
             classes=self.classes,
             findings=self.findings,
         )
-
-
-def encoded_size(data: np.ndarray) -> tuple[int, int]:
-    """(height, width) of an encoded image as stored, from its header (loaders.checks.read_header:
-    the JPEG frame header, PNG IHDR, BMP or WebP header, read in microseconds)."""
-    from loaders.checks import BadFile, read_header  # checks builds on this module
-
-    try:
-        header = read_header(data)
-    except BadFile as bad:
-        raise DataError(f"cannot read the image header ({bad})") from None
-    return header.height, header.width
 
 
 def class_dirs(root: Path) -> list[Path]:

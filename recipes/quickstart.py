@@ -2,7 +2,7 @@
 
 The data ships with scikit-learn and is written once as JPEGs, so this runs anywhere, CPU included:
     accelerate launch --config_file accelerate_config.yaml recipes/quickstart.py
-Measured on a 2-core CPU (no GPU): see README "Quickstart".
+Measured on a 2-core CPU (no GPU): see the README, "The two commands".
 """
 
 from trainer import Data, Logging, Model, Phase, Recipe, run

@@ -37,6 +37,56 @@ def tiny_imagenet(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bad_folder(tmp_path_factory) -> Path:
+    """48 train + 12 val good JPEGs, then every file fault of `bad_files`: 57 train files (54 usable), 15 val (14)."""
+    from bad_files import inject_file_faults
+
+    root = write_image_folder(tmp_path_factory.mktemp("bad-data"), {"train": 16, "val": 4})
+    inject_file_faults(root)
+    return root
+
+
+def weights_file(path: Path, arch: str, num_classes: int, head: str = "") -> str:
+    """A timm model's random weights for `num_classes` (with `head`) saved as safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    from trainer.transfer import ensure_head
+
+    model = timm.create_model(arch, num_classes=num_classes)
+    if head:
+        ensure_head(model, head, num_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Init files next to the 3-class tiny ImageNet: one for 5 classes, one for 3, another arch, a damaged one."""
+    folder = tmp_path_factory.mktemp("inits")
+    (folder / "damaged.safetensors").write_bytes(b"\x00not safetensors" * 10)
+    (folder / "a_file").write_text("not a folder")
+    return {
+        "five": weights_file(folder / "five.safetensors", "resnet10t", 5),
+        "three": weights_file(folder / "three.safetensors", "resnet10t", 3),
+        "three_mlp": weights_file(folder / "three_mlp.safetensors", "resnet10t", 3, head="mlp:16"),
+        "resnet18": weights_file(folder / "resnet18.safetensors", "resnet18", 3),
+        "damaged": str(folder / "damaged.safetensors"),
+        "a_file": str(folder / "a_file"),
+    }
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> Path:
+    """A stand-in for downloaded ImageNet weights: a resnet10t state dict with a 1000-class head."""
+    return Path(weights_file(tmp_path_factory.mktemp("weights") / "resnet10t.safetensors", "resnet10t", 1000))
+
+
+def fill_placeholders(args: list[str], files: dict[str, str], missing: Path) -> list[str]:
+    return [a.format(missing=missing, **files) for a in args]
+
+
+@pytest.fixture(scope="session")
 def run_env(tmp_path_factory) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -128,7 +178,7 @@ def final_checkpoint(run_dir: Path, phase: str = "main"):
     import torch
     from safetensors.torch import load_file
 
-    from trainer.checkpoint import complete_checkpoints, read_state
+    from trainer.run_folder import complete_checkpoints, read_state
 
     last = max(complete_checkpoints(Path(run_dir) / phase / "checkpoints"), key=lambda p: read_state(p)["total_step"])
     parts = torch.load(last / "custom_checkpoint_0.pkl", weights_only=False)

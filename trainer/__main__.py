@@ -1,4 +1,8 @@
-"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare."""
+"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare, check-data.
+
+Argument parsing only: each command's module is imported when that command is chosen, so
+`python -m trainer --help` and `compare` load neither torch nor DALI.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,13 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from loaders.sources import DataError
-from trainer.recipe import Recipe, RecipeError
-from trainer.run import resolve_recipe
+from trainer.recipe import Recipe, RecipeError, resolve_recipe
 
 
 def load_recipe(path: str) -> Recipe:
@@ -86,10 +90,9 @@ def check_lr_find(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def run_lr_find(args: argparse.Namespace) -> None:
-    # Imported here: `python -m trainer --help` need not load torch and DALI.
     from trainer.lr_find import lr_find, save_result
 
-    recipe = resolve_recipe(load_recipe(args.recipe), args)
+    recipe = resolve_recipe(load_recipe(args.recipe), args.set, args.data)
     index = pick_phase(recipe, args.phase)
     phase = recipe.phases[index]
     print(f"lr-find: recipe {recipe.name}, phase {index} {phase.name!r}, {args.steps} steps, lr {args.start_lr:g} -> {args.end_lr:g}", flush=True)
@@ -361,12 +364,10 @@ def check_check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def run_check_data(args: argparse.Namespace) -> None:
-    import os
-
     from tqdm import tqdm
 
-    from loaders.checks import report_lines, scan_dataset
     from loaders.digits import resolve_data_path
+    from loaders.scan import report_lines, scan_dataset
 
     bars = []
 

@@ -1,22 +1,25 @@
-"""Checkpoints: TrainState, atomic save through accelerate, newest-complete lookup, keep last + best k.
+"""Checkpoints: TrainState, the registered parts, and an atomic save through accelerate that keeps the
+last checkpoint and the best k.
 
 Layout: <run>/<phase>/checkpoints/step_<global step>/ holds what `Accelerator.save_state` writes
 (model, optimizer, RNG states per process, and our registered parts) plus `trainer_state.json`,
-written last. The folder is built as `.tmp-step_<n>` and renamed when complete, so a checkpoint
-folder without the `.tmp-` prefix is always whole.
+written last. The folder is built as `.tmp-step_<n>` and renamed when complete (`trainer.atomic`), so
+a checkpoint folder without the `.tmp-` prefix is always whole. Finding and reading checkpoints is
+`trainer.run_folder`'s.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-STATE_FILE = "trainer_state.json"
-TMP_PREFIX = ".tmp-"
+from accelerate.utils import gather_object
+
+from trainer import atomic
+from trainer.run_folder import STATE_FILE, checkpoint_name, complete_checkpoints, read_state
 
 
 @dataclass
@@ -50,6 +53,14 @@ class TrainState:
     def position(self) -> tuple[int, int, int]:
         return (self.phase_index, self.epoch, self.batch)
 
+    def begin_phase(self, phase_index: int, phase_name: str) -> None:
+        """Start phase `phase_index` afresh: every field back to its default, except what spans phases
+        (`total_step`, the W&B step, and `last_val`, the scores of the weights the phase starts from)."""
+        for f in fields(self):
+            if f.name not in ("total_step", "last_val"):
+                setattr(self, f.name, f.default if f.default_factory is MISSING else f.default_factory())
+        self.phase_index, self.phase_name = phase_index, phase_name
+
 
 class Resumable:
     """The parts `save_state` does not know: registered once with `register_for_checkpointing`.
@@ -72,22 +83,6 @@ class Resumable:
             part.load_state_dict(state[name])
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def read_state(checkpoint_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StorageError(Exception):
     """A checkpoint could not be written (disk full, read-only, I/O error); the previous one is intact."""
 
@@ -107,8 +102,6 @@ def _first_failure(accelerator, failure: str) -> str:
     instead of one raising while the others wait for it in the next collective."""
     if accelerator.num_processes == 1:
         return failure
-    from accelerate.utils import gather_object
-
     return next((f for f in gather_object([failure]) if f), "")
 
 
@@ -119,13 +112,12 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_t
     read-only filesystem) removes the temporary folder and raises StorageError on every process."""
     checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / checkpoint_name(state.total_step)
-    tmp = checkpoints_dir / (TMP_PREFIX + final.name)
+    tmp = atomic.staging_path(final)  # every process writes into it: the same name on all of them
     failure = ""
     if accelerator.is_main_process:
         try:
             checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            for leftover in checkpoints_dir.glob(TMP_PREFIX + "*"):  # of a run killed mid-write or mid-delete
-                shutil.rmtree(leftover, ignore_errors=True)
+            atomic.remove_leftovers(checkpoints_dir)  # of a run killed mid-write or mid-delete
             # The last checkpoint's size is what this one needs: fail before writing a byte when it
             # cannot fit (torch.save reports a full disk only as a RuntimeError, without errno).
             previous = complete_checkpoints(checkpoints_dir)
@@ -145,18 +137,10 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_t
     failure = _first_failure(accelerator, failure)
     if accelerator.is_main_process and not failure:
         try:
-            record = {**state.state_dict(), "val_top1": val_top1}
-            with open(tmp / STATE_FILE, "w") as f:
-                json.dump(record, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            for path in tmp.iterdir():  # the model and optimizer files were written by accelerate without fsync
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            if final.exists():  # same step saved twice (epoch end on a checkpoint_every_steps boundary)
-                _remove(final)
-            os.replace(tmp, final)
-            _fsync_dir(checkpoints_dir)
+            (tmp / STATE_FILE).write_text(json.dumps({**state.state_dict(), "val_top1": val_top1}, indent=2))
+            # Durable: accelerate writes its files without fsync. A folder already at `final` is the
+            # same step saved twice (an epoch end on a checkpoint_every_steps boundary): replaced.
+            atomic.swap_in(tmp, final, durable=True)
         except OSError as err:
             failure = f"{err.strerror or err} ({err.filename or tmp})"
     failure = _first_failure(accelerator, failure)
@@ -175,15 +159,6 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_t
     return final
 
 
-def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    if not Path(checkpoints_dir).is_dir():
-        return []
-    return sorted(
-        p for p in Path(checkpoints_dir).iterdir()
-        if p.is_dir() and not p.name.startswith(TMP_PREFIX) and (p / STATE_FILE).is_file()
-    )
-
-
 def prune(checkpoints_dir: Path, keep_best_k: int) -> list[Path]:
     """Keep the newest checkpoint and the `keep_best_k` best by val top-1; remove the rest."""
     found = [(p, read_state(p)) for p in complete_checkpoints(checkpoints_dir)]
@@ -196,62 +171,6 @@ def prune(checkpoints_dir: Path, keep_best_k: int) -> list[Path]:
     removed = []
     for path, _ in found:
         if path not in keep:
-            _remove(path)
+            atomic.remove(path)
             removed.append(path)
     return removed
-
-
-def _remove(checkpoint_dir: Path) -> None:
-    """Delete a checkpoint so that no moment of the deletion looks complete: first an atomic rename
-    to a temporary name (never picked up), then the files."""
-    doomed = checkpoint_dir.with_name(TMP_PREFIX + "old-" + checkpoint_dir.name)
-    shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(checkpoint_dir, doomed)
-    shutil.rmtree(doomed)
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The most advanced complete checkpoint of any phase of the run, or None."""
-    best: tuple[tuple[int, int], Path] | None = None
-    for phase_dir in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
-        for ckpt in complete_checkpoints(phase_dir / "checkpoints"):
-            state = read_state(ckpt)
-            key = (state["phase_index"], state["total_step"])
-            if best is None or key > best[0]:
-                best = (key, ckpt)
-    return best[1] if best else None
-
-
-def best_checkpoint(checkpoints_dir: Path) -> Path | None:
-    scored = [(read_state(p), p) for p in complete_checkpoints(checkpoints_dir)]
-    scored = [(s["val_top1"], s["total_step"], p) for s, p in scored if s.get("val_top1") is not None]
-    return max(scored)[2] if scored else None
-
-
-def phase_checkpoint(phase_dir: Path) -> Path | None:
-    """The checkpoint a phase hands on: its best by val top-1, else its newest complete one, else None."""
-    checkpoints = Path(phase_dir) / "checkpoints"
-    best = best_checkpoint(checkpoints)
-    if best is not None:
-        return best
-    found = complete_checkpoints(checkpoints)
-    return max(found, key=lambda p: read_state(p)["total_step"]) if found else None
-
-
-EMA_FILE = "custom_checkpoint_0.pkl"  # accelerate's file for the first registered object: our Resumable
-
-
-def checkpoint_weights(checkpoint_dir: Path) -> tuple[dict, str, str]:
-    """The better weights of a checkpoint: (state dict, "ema" or "model", a description). The EMA's
-    when its val top-1 at that checkpoint beat the model's and it was saved, else the model's."""
-    import torch
-    from safetensors.torch import load_file
-
-    ckpt = Path(checkpoint_dir)
-    scores = read_state(ckpt).get("last_val", {})
-    ema_file = ckpt / EMA_FILE
-    if scores.get("ema_top1") is not None and scores["ema_top1"] > scores.get("top1", -1) and ema_file.exists():
-        ema = torch.load(ema_file, map_location="cpu", weights_only=False)["ema"]
-        state = {k.removeprefix("module."): v for k, v in ema.items()}
-        return state, "ema", f"EMA weights of {ckpt} (EMA top-1 {scores['ema_top1']:.4f} > model {scores['top1']:.4f})"
-    return load_file(str(ckpt / "model.safetensors")), "model", f"weights of {ckpt}"

@@ -6,7 +6,6 @@ Everything comes from what a run leaves behind: history.jsonl (scores, epochs, i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -14,12 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 
-from trainer.checkpoint import phase_checkpoint
+from trainer.atomic import write_atomic
 from trainer.curves import epoch_positions
 from trainer.recipe import RecipeError
-from trainer.run import RESOLVED_RECIPE, RUN_INFO
-from trainer.tracking import HISTORY, read_jsonl, write_atomic
+from trainer.run_folder import (
+    BUNDLE_DIR,
+    CHECKPOINTS_DIR,
+    HISTORY,
+    MODEL_FILE,
+    RESOLVED_RECIPE,
+    RUN_INFO,
+    phase_checkpoint,
+    read_json,
+    read_jsonl,
+)
 
 # Buffers that safetensors stores beside the weights: counted as state, not as parameters.
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -43,27 +52,25 @@ class RunSummary:
 
 def _weights_file(run_dir: Path) -> Path | None:
     """The bundle's model.safetensors, else the checkpoint the last trained phase hands on."""
-    bundle = run_dir / "bundle" / "model.safetensors"
+    bundle = run_dir / BUNDLE_DIR / MODEL_FILE
     if bundle.is_file():
         return bundle
     try:
-        phases = [p["name"] for p in json.loads((run_dir / RESOLVED_RECIPE).read_text())["phases"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        phases = sorted(p.name for p in run_dir.iterdir() if (p / "checkpoints").is_dir())
+        phases = [p["name"] for p in read_json(run_dir / RESOLVED_RECIPE)["phases"]]
+    except (RecipeError, KeyError, TypeError):  # no usable recipe.json: the phase folders, by name
+        phases = sorted(p.name for p in run_dir.iterdir() if (p / CHECKPOINTS_DIR).is_dir())
     for name in reversed(phases):
         ckpt = phase_checkpoint(run_dir / name)
-        if ckpt is not None and (ckpt / "model.safetensors").is_file():
-            return ckpt / "model.safetensors"
+        if ckpt is not None and (ckpt / MODEL_FILE).is_file():
+            return ckpt / MODEL_FILE
     return None
 
 
 def parameter_count(weights: Path) -> int:
-    """Trainable-shaped tensors in a safetensors file, read from its header (no weights loaded);
-    BatchNorm running statistics and counters are buffers, not parameters."""
-    from safetensors import safe_open
-
+    """Trainable-shaped tensors in a safetensors file, read from its header (no weights loaded, and no
+    torch: framework="numpy"); BatchNorm running statistics and counters are buffers, not parameters."""
     total = 0
-    with safe_open(str(weights), framework="pt") as f:
+    with safe_open(str(weights), framework="numpy") as f:
         for key in f.keys():
             if not key.endswith(BUFFER_SUFFIXES):
                 total += math.prod(f.get_slice(key).get_shape())
@@ -78,10 +85,7 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
     missing = [name for name in (RUN_INFO, HISTORY) if not (path / name).is_file()]
     if missing:
         raise RecipeError(f"{run_dir} is not a run folder: {' and '.join(missing)} missing (a run folder is what training writes under runs/)")
-    try:
-        info = json.loads((path / RUN_INFO).read_text())
-    except ValueError as err:
-        raise RecipeError(f"{path / RUN_INFO} is not valid JSON: {err}") from None
+    info = read_json(path / RUN_INFO)
     history, _ = epoch_positions(read_jsonl(path / HISTORY))
     best_top1, source, best_top5 = None, "model", None
     for record in history:

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from trainer.tracking import HISTORY, STEPS, read_jsonl, write_atomic
+from trainer.atomic import write_atomic
+from trainer.run_folder import CURVES, HISTORY, STEPS, read_jsonl
 
-CURVES = "curves.png"
 FIGURE_SIZE_IN = (11.0, 7.5)
 FIGURE_DPI = 100
 CURVES_SIZE_PX = (round(FIGURE_SIZE_IN[0] * FIGURE_DPI), round(FIGURE_SIZE_IN[1] * FIGURE_DPI))  # (width, height)

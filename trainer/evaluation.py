@@ -5,21 +5,28 @@ record (`trainer.metrics.eval_report`), and that record as a readable table."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from loaders.sources import DataError
 from trainer import inference
-from trainer.checkpoint import EMA_FILE, phase_checkpoint
+from trainer.data import load_splits
+from trainer.launch import create_accelerator
 from trainer.loop import autocast_for, build_eval_loader, resolve_precision
 from trainer.metrics import eval_report, evaluate, most_confused
-from trainer.recipe import Phase, Recipe, RecipeError, apply_overrides, recipe_from_dict
-from trainer.run import RESOLVED_RECIPE, RUN_INFO, create_accelerator, create_model, load_splits
+from trainer.model import create_model
+from trainer.recipe import Phase, Recipe, RecipeError, apply_overrides
+from trainer.run_folder import (
+    RESOLVED_RECIPE,
+    RUN_INFO,
+    checkpoint_weight_sets,
+    last_phase_checkpoint,
+    load_run,
+    read_recipe,
+)
 from trainer.transfer import ensure_head
 
 SPLITS = ("val", "train")
@@ -39,41 +46,16 @@ class Target:
     described: str
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise RecipeError(f"cannot read {path}: {err}") from None
-
-
-def _run_recipe(run_dir: Path) -> Recipe:
-    try:
-        return recipe_from_dict(_read_json(run_dir / RESOLVED_RECIPE))
-    except TypeError as err:
-        raise RecipeError(f"{run_dir / RESOLVED_RECIPE} does not describe a recipe: {err}") from None
-
-
 def run_target(run_dir: Path, data: str | None) -> Target:
     """The best checkpoint of the run's last phase that left one: its model weights and its EMA's."""
-    info = _read_json(run_dir / RUN_INFO)
-    recipe = _run_recipe(run_dir)
-    if data:
-        recipe = apply_overrides(recipe, [f"data.path={data}"])
-    found = [(i, phase_checkpoint(run_dir / p.name)) for i, p in enumerate(recipe.phases)]
-    found = [(i, ckpt) for i, ckpt in found if ckpt is not None]
-    if not found:
-        raise RecipeError(f"{run_dir} has no complete checkpoint in any phase ({', '.join(p.name for p in recipe.phases)}); train first")
-    index, ckpt = found[-1]
+    recipe, info = load_run(run_dir, data)
+    index, ckpt = last_phase_checkpoint(run_dir, recipe)
     classes = list(info["classes"])
     model = create_model(recipe, len(classes))
     for phase in recipe.phases[: index + 1]:  # the heads the run gave the model, phase by phase
         ensure_head(model, phase.head, len(classes), phase.head_dropout)
-    weights = {"model": load_file(str(ckpt / "model.safetensors"))}
-    parts = torch.load(ckpt / EMA_FILE, map_location="cpu", weights_only=False) if (ckpt / EMA_FILE).is_file() else {}
-    if "ema" in parts:  # ModelEmaV3 keeps the copy under `module.`
-        weights["ema"] = {k.removeprefix("module."): v for k, v in parts["ema"].items()}
     phase = recipe.phases[index]
-    return Target(recipe, phase, phase.name, classes, model, weights, f"best checkpoint of phase {phase.name}: {ckpt}")
+    return Target(recipe, phase, phase.name, classes, model, checkpoint_weight_sets(ckpt), f"best checkpoint of phase {phase.name}: {ckpt}")
 
 
 def bundle_target(bundle_dir: Path, data: str | None) -> Target:
@@ -86,7 +68,7 @@ def bundle_target(bundle_dir: Path, data: str | None) -> Target:
     config = bundle.config
     run_dir = bundle_dir.resolve().parent
     # The run's recipe, when there is one, also gives the split (val_fraction, seed) and loader settings.
-    base = _run_recipe(run_dir) if (run_dir / RESOLVED_RECIPE).is_file() else Recipe(name="bundle", phases=(Phase(),))
+    base = read_recipe(run_dir) if (run_dir / RESOLVED_RECIPE).is_file() else Recipe(name="bundle", phases=(Phase(),))
     path = data or base.data.path
     if not path:
         raise RecipeError(f"bundle {bundle_dir} does not say where its data are: pass --data PATH")

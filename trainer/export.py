@@ -2,8 +2,8 @@
 
 Which weights: the checkpoint the last phase that left any hands on (its best by val top-1, else its
 newest), and within it the EMA's weights when the EMA scored better there, as `init="phase:..."`
-reads them (`trainer.checkpoint.checkpoint_weights`). The bundle is built in a temporary folder
-beside its destination and renamed into place, so a failed export leaves no half bundle.
+reads them (`trainer.run_folder.checkpoint_weights`). The bundle is built in a temporary folder
+beside its destination and renamed into place (`trainer.atomic`), so a failed export leaves no half bundle.
 """
 
 from __future__ import annotations
@@ -21,28 +21,25 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer import inference
-from trainer.checkpoint import checkpoint_weights, phase_checkpoint, read_state
-from trainer.recipe import Recipe, RecipeError, recipe_from_dict
-from trainer.run import RESOLVED_RECIPE, RUN_INFO, load_splits
-from trainer.tracking import HISTORY, read_jsonl
+from trainer import atomic, inference
+from trainer.data import load_splits
+from trainer.recipe import Recipe, RecipeError
+from trainer.run_folder import (
+    BUNDLE_DIR,
+    HISTORY,
+    checkpoint_weights,
+    last_phase_checkpoint,
+    load_run,
+    read_jsonl,
+    read_state,
+)
 
 EXAMPLES_PER_CLASS = 3
 EXAMPLES_TOTAL = 100  # ImageNet's 1,000 classes would otherwise add 3,000 photos to the bundle and the Space
-TMP_PREFIX = ".tmp-"
 
 
 class BundleError(RecipeError):
     """A run cannot be exported, or a bundle or image cannot be read; the message says why."""
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise BundleError(f"{path.parent} is not a run folder: {what} {path.name} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{path} is not valid JSON: {err}") from None
 
 
 def _effective_head(recipe: Recipe, last: int) -> tuple[str, float]:
@@ -52,14 +49,6 @@ def _effective_head(recipe: Recipe, last: int) -> tuple[str, float]:
         if phase.head:
             spec, dropout = phase.head, phase.head_dropout
     return spec, dropout
-
-
-def _pick_checkpoint(run_dir: Path, recipe: Recipe) -> tuple[int, Path]:
-    for index in reversed(range(len(recipe.phases))):
-        ckpt = phase_checkpoint(run_dir / recipe.phases[index].name)
-        if ckpt is not None:
-            return index, ckpt
-    raise BundleError(f"{run_dir} has no complete checkpoint in any phase ({', '.join(p.name for p in recipe.phases)}); train first")
 
 
 def _metrics(run_dir: Path, info: dict, recipe: Recipe, index: int, ckpt: Path, source: str) -> dict[str, Any]:
@@ -221,18 +210,12 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
     """Write the bundle of `run_dir` to `out` (default RUN_DIR/bundle) and return its path.
     An existing bundle there is replaced; any other non-empty folder is refused."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise BundleError(f"run folder {run_dir} does not exist")
-    info = _read_json(run_dir / RUN_INFO, "run record")
-    try:
-        recipe = recipe_from_dict(_read_json(run_dir / RESOLVED_RECIPE, "resolved recipe"))
-    except TypeError as err:
-        raise BundleError(f"{run_dir / RESOLVED_RECIPE} does not describe a recipe: {err}") from None
-    out = Path(out) if out is not None else run_dir / "bundle"
+    recipe, info = load_run(run_dir)
+    out = Path(out) if out is not None else run_dir / BUNDLE_DIR
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / inference.CONFIG_FILE).is_file())):
         raise BundleError(f"{out} exists and is not a bundle; choose another --out")
 
-    index, ckpt = _pick_checkpoint(run_dir, recipe)
+    index, ckpt = last_phase_checkpoint(run_dir, recipe)
     phase = recipe.phases[index]
     state, source, _ = checkpoint_weights(ckpt)
     head, head_dropout = _effective_head(recipe, index)
@@ -272,7 +255,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
         raise BundleError(f"the weights of {ckpt} do not fit {config['architecture']} with head {head or 'timm default'!r}: {err}") from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
+    tmp = atomic.staging_path(out, private=True)  # two exports of one run (report, push) may overlap
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -283,18 +266,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
         if note:
             print(f"export: {note}", file=sys.stderr)
         (tmp / "README.md").write_text(model_card(config, info, recipe, examples, note))
-    except BaseException:
+        return atomic.swap_in(tmp, out)  # a re-export: the previous bundle is replaced only now
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f"{TMP_PREFIX}{out.name}-old-{os.getpid()}"
-    if out.exists():  # a re-export: the previous bundle steps aside, and comes back if the rename fails
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old.exists():
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out

@@ -24,12 +24,15 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from trainer import inference
+from trainer.export import export
+from trainer.run_folder import BUNDLE_DIR, HISTORY, PUSH_RECORD, RUN_INFO
+
 SPACE_DIR = Path(__file__).resolve().parents[1] / "space"
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
 MODEL_REPO_FILE = "model_repo.txt"  # in the Space: the model repo's id, read by space/app.py
-BUNDLE_FILES = ("config.json", "model.safetensors")
-RUN_RECORDS = ("run.json", "history.jsonl")  # rewritten as the run trains: newer than the bundle = stale bundle
-PUSH_RECORD = "push.json"  # push_in_background's outcome, in the run folder
+BUNDLE_FILES = (inference.CONFIG_FILE, inference.WEIGHTS_FILE)
+RUN_RECORDS = (RUN_INFO, HISTORY)  # rewritten as the run trains: newer than the bundle = stale bundle
 TOKEN_HELP = "log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -74,16 +77,14 @@ def ensure_bundle(run_dir: Path, report: Callable[[str], None]) -> Path:
     """RUN_DIR itself when it is a bundle; else RUN_DIR/bundle, exported when missing or older than the run."""
     if is_bundle(run_dir):
         return run_dir
-    bundle = run_dir / "bundle"
+    bundle = run_dir / BUNDLE_DIR
     if is_bundle(bundle):
-        exported = (bundle / "config.json").stat().st_mtime
+        exported = (bundle / inference.CONFIG_FILE).stat().st_mtime
         trained = max((f.stat().st_mtime for f in (run_dir / n for n in RUN_RECORDS) if f.is_file()), default=0.0)
         if trained <= exported:
             report(f"bundle: {bundle} (already exported)")
             return bundle
         report(f"bundle: {bundle} is older than the run's records; exporting again")
-    from trainer.export import export  # torch, timm: only when there is something to export
-
     report(f"bundle: exporting {run_dir} -> {bundle}")
     return export(run_dir)
 

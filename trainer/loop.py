@@ -1,4 +1,12 @@
-"""The training loop: one phase, top to bottom. Model, optimizer, schedule, EMA, eval, checkpoints."""
+"""The training loop: one phase, top to bottom.
+
+`train_phase` builds the phase (`set_up_phase`: loaders, model, optimizer, schedule, EMA and loss, the
+LR finder's set-up too), restores or begins its `TrainState`, then runs the epochs: per batch a forward
+and backward pass (`PhaseRun.train_batch`), per optimizer update the skip and stop decisions, the step,
+the EMA, the logs and the checkpoints (`PhaseRun.finish_update`), per epoch the evaluation of model and
+EMA, one record for history.jsonl, W&B and the console, early stopping and a checkpoint
+(`PhaseRun.end_epoch`). At the phase's end the main process writes the phase's eval.json.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +14,32 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
-from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from loaders.dali import EvalLoader, TrainAugment, TrainLoader
-from loaders.hf import HFDatasetSource
-from loaders.sources import ImageFolderSource
-from trainer.checkpoint import Resumable, TrainState, checkpoint_name, read_state, save_checkpoint
+from trainer.checkpoint import Resumable, TrainState, save_checkpoint
 from trainer.curves import redraw_curves
+from trainer.data import Splits
 from trainer.metrics import eval_report, evaluate, sample_indices, sample_predictions
+from trainer.optim import PlateauLR, build_criterion, build_optimizer
 from trainer.preemption import Preempted, StopSignals, agreed_max
 from trainer.recipe import Phase, Recipe
-from trainer.tracking import EVAL_FILE, RunLog, log_phase_eval, write_eval_json
-from trainer.transfer import (
-    apply_freeze,
-    build_optimizer_groups,
-    freeze_batchnorm_stats,
-    frozen_group_count,
-    stage_groups,
-)
+from trainer.run_folder import CHECKPOINTS_DIR, EVAL_FILE, checkpoint_name, read_state
+from trainer.tracking import RunLog, log_phase_eval, write_eval_json
+from trainer.transfer import apply_freeze, freeze_batchnorm_stats, frozen_group_count, stage_groups
+
+CURVES_EVERY_S = 30.0  # curves.png is redrawn at an epoch's end at most this often (and at a phase's end)
+
+
+class Diverged(Exception):
+    """`max_nonfinite_steps` updates in a row had a non-finite loss; the last good state was saved."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -49,43 +55,41 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-@dataclass
-class Splits:
-    """Train and val sources: anything with `read(i)`, `labels`, `classes` and `subset()`."""
-
-    train: ImageFolderSource | HFDatasetSource
-    val: ImageFolderSource | HFDatasetSource
+# -- the phase's set-up ----------------------------------------------------------------------------
 
 
-def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, accelerator) -> tuple[TrainLoader, EvalLoader]:
-    """This process's train and eval loaders for `phase` (DALI; GPU decoding when there is a GPU)."""
+def _loader_args(recipe: Recipe, accelerator) -> dict:
     device = accelerator.device
-    world = accelerator.num_processes
-    loader_args = dict(
+    return dict(
+        rank=accelerator.process_index,  # global rank, not local: correct across nodes
+        world_size=accelerator.num_processes,
         decode_device=recipe.data.decode_device,
         device_id=device.index if device.type == "cuda" else None,
         num_threads=recipe.data.loader_threads,
         channels_last=recipe.model.channels_last,
     )
+
+
+def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, accelerator) -> tuple[TrainLoader, EvalLoader]:
+    """This process's train and eval loaders for `phase` (DALI; GPU decoding when there is a GPU)."""
+    augment = TrainAugment(
+        crop_scale=phase.crop_scale,
+        crop_ratio=phase.crop_ratio,
+        hflip_prob=phase.hflip_prob,
+        mean=recipe.data.mean,
+        std=recipe.data.std,
+        color_jitter=phase.color_jitter,
+        rand_augment_layers=phase.rand_augment_layers,
+        rand_augment_magnitude=phase.rand_augment_magnitude,
+    )
     loader = TrainLoader(
         data.train,
         batch_size=phase.batch_size_per_device,
         seed=recipe.seed * 1000 + phase_index,
-        rank=accelerator.process_index,  # global rank, not local: correct across nodes
-        world_size=world,
         res_px_for_epoch=phase.res_px_at,  # progressive resizing: a pure function of the epoch
-        augment=TrainAugment(
-            crop_scale=phase.crop_scale,
-            crop_ratio=phase.crop_ratio,
-            hflip_prob=phase.hflip_prob,
-            mean=recipe.data.mean,
-            std=recipe.data.std,
-            color_jitter=phase.color_jitter,
-            rand_augment_layers=phase.rand_augment_layers,
-            rand_augment_magnitude=phase.rand_augment_magnitude,
-        ),
+        augment=augment,
         batch_multiple=phase.grad_accum_steps,
-        **loader_args,
+        **_loader_args(recipe, accelerator),
     )
     return loader, build_eval_loader(recipe, phase, data.val, accelerator)
 
@@ -93,115 +97,375 @@ def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, 
 def build_eval_loader(recipe: Recipe, phase: Phase, source, accelerator) -> EvalLoader:
     """This process's share of `source` with `phase`'s eval transform; also what `python -m trainer eval`
     uses, so its numbers match training's val."""
-    device = accelerator.device
     return EvalLoader(
         source,
         batch_size=phase.batch_size_per_device,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
         res_px=phase.eval_res_px,
         crop_fraction=phase.eval_crop_fraction,
         mean=recipe.data.mean,
         std=recipe.data.std,
-        decode_device=recipe.data.decode_device,
-        device_id=device.index if device.type == "cuda" else None,
-        num_threads=recipe.data.loader_threads,
-        channels_last=recipe.model.channels_last,
+        **_loader_args(recipe, accelerator),
     )
 
 
-def build_optimizer(model: torch.nn.Module, phase: Phase, lr: float, updates_per_epoch: int):
-    """timm's optimizer (no weight decay on norms and biases; backbone LR multiplier or layer decay)
-    and its scheduler. Stepped per update, the LR is a pure function of the update count."""
-    optimizer = build_optimizer_groups(model, phase, lr)
-    common = dict(
-        decay_epochs=phase.decay_epochs,
-        decay_rate=phase.decay_rate,
-        warmup_epochs=phase.warmup_epochs,
-        warmup_lr=lr * 0.01,
-        min_lr=lr * phase.min_lr_ratio,
-        # Warmup first, then the schedule over the remaining epochs: the peak LR is reached at the
-        # end of warmup (timm's default starts the decay under the warmup instead).
-        num_epochs=phase.epochs - phase.warmup_epochs,
-        warmup_prefix=True,
-    )
-    if phase.schedule == "plateau":
-        scheduler = PlateauLR(
-            optimizer, lr, warmup_updates=round(phase.warmup_epochs * updates_per_epoch), warmup_lr=lr * 0.01,
-            decay_rate=phase.decay_rate, patience_epochs=phase.plateau_patience_epochs, min_lr=lr * phase.min_lr_ratio,
-        )
-        return optimizer, scheduler
-    sched = phase.schedule
-    if sched == "onecycle":
-        # OneCycle's shape on timm's cosine: rise from lr/25 over 30% of the phase (unless warmup is
-        # set), then cosine down to lr/25e4. Linear rise; momentum is not cycled.
-        warmup = phase.warmup_epochs or 0.3 * phase.epochs
-        common.update(warmup_epochs=warmup, warmup_lr=lr / 25, min_lr=lr / 25e4, num_epochs=phase.epochs - warmup)
-        sched = "cosine"
-    scheduler, _ = create_scheduler_v2(optimizer, sched=sched, step_on_epochs=False, updates_per_epoch=updates_per_epoch, **common)
-    return optimizer, scheduler
+@dataclass
+class PhaseParts:
+    """Everything a phase trains with."""
+
+    loader: TrainLoader
+    val_loader: EvalLoader
+    raw_model: torch.nn.Module  # the module itself: EMA, freezing, BatchNorm buffers and checkpoints use it
+    model: torch.nn.Module  # as accelerate prepared it (DDP on several processes): the forward pass uses it
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm's scheduler or PlateauLR: step_update(update count)
+    ema: ModelEmaV3 | None
+    mixup: object | None  # timm's Mixup/CutMix
+    criterion: torch.nn.Module
+    eraser: RandomErasing | None
+    precision: str
+    autocast: object
+    frozen: int  # stage groups frozen now
+
+    def checkpointed(self, state: TrainState) -> dict:
+        """The parts a checkpoint holds beside the weights, optimizer and RNGs (`Resumable`)."""
+        parts = {"train_state": state, "loader": self.loader}
+        if self.ema is not None:
+            parts["ema"] = self.ema
+        if isinstance(self.scheduler, PlateauLR):  # the only schedule with state beyond the update count
+            parts["scheduler"] = self.scheduler
+        return parts
 
 
-class PlateauLR:
-    """Linear warmup, then the LR times `decay_rate` whenever val top-1 has not improved for more than
-    `patience_epochs` epochs. Written here because timm's PlateauLRScheduler is deprecated and does
-    not checkpoint its patience counters (resume would restart them)."""
-
-    def __init__(self, optimizer, lr: float, *, warmup_updates: int, warmup_lr: float, decay_rate: float, patience_epochs: int, min_lr: float) -> None:
-        self.optimizer, self.lr, self.warmup_updates, self.warmup_lr = optimizer, lr, warmup_updates, warmup_lr
-        self.decay_rate, self.patience_epochs, self.min_lr = decay_rate, patience_epochs, min_lr
-        self.best, self.bad_epochs, self.cuts = -math.inf, 0, 0
-
-    def step_update(self, step: int) -> None:
-        if step < self.warmup_updates:
-            value = self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_updates
-        else:
-            value = max(self.lr * self.decay_rate**self.cuts, self.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = value * group.get("lr_scale", 1.0)  # honour backbone multipliers, as timm does
-
-    def epoch_end(self, metric: float) -> None:
-        if metric > self.best:
-            self.best, self.bad_epochs = metric, 0
-        else:
-            self.bad_epochs += 1
-            if self.bad_epochs > self.patience_epochs:
-                self.cuts, self.bad_epochs = self.cuts + 1, 0
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "bad_epochs": self.bad_epochs, "cuts": self.cuts}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.bad_epochs, self.cuts = state["best"], state["bad_epochs"], state["cuts"]
-
-
-def build_criterion(phase: Phase, num_classes: int):
-    """(mixup or None, loss): timm's Mixup/CutMix makes soft targets, which need a soft-target loss."""
-    mixup = None
-    if phase.mixup_alpha or phase.cutmix_alpha:
-        mixup = Mixup(
-            mixup_alpha=phase.mixup_alpha,
-            cutmix_alpha=phase.cutmix_alpha,
-            prob=phase.mixup_prob,
-            switch_prob=phase.mixup_switch_prob,
-            label_smoothing=phase.label_smoothing,
-            num_classes=num_classes,
-        )
-    if phase.bce_loss:
-        # With mixup the targets already carry the smoothing; timm's RSB recipes threshold at 0.2.
-        loss = BinaryCrossEntropy(target_threshold=0.2) if mixup else BinaryCrossEntropy(smoothing=phase.label_smoothing)
-    elif mixup:
-        loss = SoftTargetCrossEntropy()
+def set_up_phase(accelerator, recipe: Recipe, phase_index: int, model: torch.nn.Module, data: Splits, *,
+                 lr: float | None = None, start_epoch: int = 0, with_ema: bool = True,
+                 make_loaders: Callable | None = None) -> PhaseParts:
+    """Build phase `phase_index` around `model`: loaders, optimizer and schedule at `lr` (default: the
+    phase's lr_per_256 scaled to the global batch), EMA, the freezing of `start_epoch`, loss and batch
+    augmentation. `make_loaders(phase, accelerator)` replaces the DALI loaders (a seam for benchmarks)."""
+    phase = recipe.phases[phase_index]
+    device = accelerator.device
+    global_batch = phase.batch_size_per_device * accelerator.num_processes * phase.grad_accum_steps
+    lr = phase.lr_per_256 * global_batch / 256 if lr is None else lr
+    set_seed(recipe.seed + phase_index)  # dropout / drop-path draws; restored exactly on resume
+    if make_loaders is not None:
+        loader, val_loader = make_loaders(phase, accelerator)
     else:
-        loss = torch.nn.CrossEntropyLoss(label_smoothing=phase.label_smoothing)
-    return mixup, loss
+        loader, val_loader = build_loaders(recipe, phase, phase_index, data, accelerator)
+    if recipe.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model.to(device)
+    optimizer, scheduler = build_optimizer(raw_model, phase, lr, loader.batches_per_epoch // phase.grad_accum_steps)
+    ema = ModelEmaV3(raw_model, decay=phase.ema_decay, use_warmup=phase.ema_warmup) if with_ema and phase.ema_decay > 0 else None
+    # Freezing is a function of the epoch; set it before DDP wraps the model (DDP syncs only the
+    # parameters that are trainable when it wraps).
+    frozen = apply_freeze(raw_model, phase, start_epoch)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    mixup, criterion = build_criterion(phase, raw_model.num_classes)
+    # timm's RandomErasing on the normalised batch, per sample (its draws come from the restored RNGs).
+    eraser = RandomErasing(phase.random_erasing, mode="pixel", device=str(device)) if phase.random_erasing else None
+    precision = resolve_precision(phase.precision, device)
+    return PhaseParts(loader, val_loader, raw_model, model, optimizer, scheduler, ema, mixup, criterion, eraser,
+                      precision, autocast_for(precision, device), frozen)
 
 
-CURVES_EVERY_S = 30.0  # curves.png is redrawn at an epoch's end at most this often (and at a phase's end)
+# -- the loop --------------------------------------------------------------------------------------
 
 
-class Diverged(Exception):
-    """`max_nonfinite_steps` updates in a row had a non-finite loss; the last good state was saved."""
+def train_phase(
+    accelerator,
+    recipe: Recipe,
+    phase_index: int,
+    model: torch.nn.Module,
+    data: Splits,
+    run_dir: Path,
+    state: TrainState,
+    resumable: Resumable,
+    log: RunLog,
+    resume_from: Path | None = None,
+    make_loaders: Callable | None = None,
+    signals: StopSignals | None = None,
+) -> TrainState:
+    """Train phase `phase_index` from its start, or from `resume_from` (one of its checkpoints); returns
+    the TrainState at its end. Raises Preempted on a stop signal and Diverged on non-finite losses, each
+    after writing a checkpoint."""
+    phase = recipe.phases[phase_index]
+    start_epoch = read_state(resume_from)["epoch"] if resume_from is not None else 0
+    parts = set_up_phase(accelerator, recipe, phase_index, model, data, start_epoch=start_epoch, make_loaders=make_loaders)
+    resumable.parts = parts.checkpointed(state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))  # everything: weights, optimizer, RNGs, EMA, TrainState, loader position
+        # The same numbers, unless the loader moved its position to another process count (its load_state_dict).
+        loader = parts.loader
+        state.step, state.batch = (loader.epoch * loader.batches_per_epoch + loader.batch) // phase.grad_accum_steps, loader.batch
+    else:
+        state.begin_phase(phase_index, phase.name)
+    parts.scheduler.step_update(state.step)
+
+    # `signals` not installed (benchmarks, in-process callers): never set.
+    run = PhaseRun(accelerator, recipe, phase_index, parts, state, log, run_dir, data.val, signals or StopSignals())
+    scores = None  # the last epoch's (model, EMA) val scores: eval.json reuses them at the phase end
+    for epoch in range(state.epoch, phase.epochs):
+        if state.stopped_early:
+            break
+        run.begin_epoch(epoch)
+        for images, labels in parts.loader.epoch_batches(epoch):
+            loss = run.train_batch(images, labels)
+            if parts.loader.batch % phase.grad_accum_steps == 0:  # the last micro-batch of an update
+                run.finish_update(epoch, loss)
+            run.tally.batch_done()
+        scores = run.end_epoch(epoch)
+    run.finish_phase(scores)
+    return state
+
+
+@dataclass
+class EpochTally:
+    """The epoch in progress: its summed train loss (on the device, read only at the epoch's end and at
+    checkpoints), the non-finite flag of the current update, images, skipped updates, and time."""
+
+    loss_sum: torch.Tensor
+    bad_loss: torch.Tensor
+    images_seen: int = 0
+    skipped: int = 0
+    res_px: int = 0  # what the model saw in the latest batch
+    wait_s: float = 0.0  # blocked waiting for the loader
+    batch_seconds: list[float] = field(default_factory=list)  # wall time per batch, data wait included
+    started: float = field(default_factory=time.perf_counter)
+    arrived: float = 0.0  # when the current batch came from the loader
+    done: float = field(init=False)  # when the previous batch was done with
+
+    def __post_init__(self) -> None:
+        self.done = self.started
+
+    def batch_arrived(self) -> None:
+        self.arrived = time.perf_counter()
+        self.wait_s += self.arrived - self.done
+
+    def batch_done(self) -> None:
+        self.done = time.perf_counter()
+        self.batch_seconds.append(self.done - self.arrived)
+
+
+class PhaseRun:
+    """A phase in progress: what `train_phase` calls per batch, per update and per epoch."""
+
+    def __init__(self, accelerator, recipe: Recipe, phase_index: int, parts: PhaseParts, state: TrainState,
+                 log: RunLog, run_dir: Path, val_source, signals: StopSignals) -> None:
+        self.accelerator, self.recipe, self.phase_index = accelerator, recipe, phase_index
+        self.phase: Phase = recipe.phases[phase_index]
+        self.parts, self.state, self.log, self.run_dir, self.signals = parts, state, log, run_dir, signals
+        self.val_source = val_source  # eval.json's class names, W&B's sample predictions
+        self.checkpoints_dir = run_dir / self.phase.name / CHECKPOINTS_DIR
+        # BatchNorm running statistics move in the forward pass, before the loss can be checked: kept
+        # from the start of each update so a skipped (non-finite) update leaves no trace in them.
+        self.buffers = [b for b in parts.raw_model.buffers() if b.is_floating_point()]
+        self.good_buffers = [b.detach().clone() for b in self.buffers]
+        self.curves_drawn_at = -math.inf
+        self.tally: EpochTally | None = None
+        self.bar = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        accelerator, parts, phase = self.accelerator, self.parts, self.phase
+        if phase.unfreeze_at and frozen_group_count(phase, len(stage_groups(parts.raw_model)), epoch) != parts.frozen:
+            parts.frozen = apply_freeze(parts.raw_model, phase, epoch)
+            # DDP registered the old set of trainable parameters: wrap again (the optimizer and its
+            # state are kept; frozen parameters were in it all along).
+            accelerator.free_memory()
+            parts.model, parts.optimizer = accelerator.prepare(parts.raw_model, parts.optimizer.optimizer)
+            accelerator.print(f"[{phase.name} {epoch + 1}/{phase.epochs}] unfroze a stage: {parts.frozen} stage groups still frozen")
+        parts.model.train()
+        if phase.freeze_bn_stats:
+            freeze_batchnorm_stats(parts.raw_model)
+        device = accelerator.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # The epoch's summed loss so far: from the checkpoint on the main process, zero elsewhere.
+        self.tally = EpochTally(
+            loss_sum=torch.tensor(self.state.epoch_loss_sum if accelerator.is_main_process else 0.0, dtype=torch.float64, device=device),
+            bad_loss=torch.zeros((), dtype=torch.bool, device=device),
+        )
+        loader = parts.loader
+        self.bar = tqdm(
+            total=loader.batches_per_epoch,
+            initial=loader.batch if loader.epoch == epoch else 0,
+            desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+            unit="batch",
+            disable=not (accelerator.is_main_process and self.recipe.logging.progress_bar),
+            mininterval=1.0,
+        )
+
+    def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one (micro-)batch; its loss joins the epoch's sum when it is finite."""
+        accelerator, parts, tally = self.accelerator, self.parts, self.tally
+        tally.batch_arrived()
+        images = images.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        targets = labels
+        if parts.mixup is not None:
+            images, targets = parts.mixup(images, labels)
+        if parts.eraser is not None:
+            images = parts.eraser(images)
+        accum = self.phase.grad_accum_steps
+        # Only the last micro-batch of an accumulation group all-reduces gradients.
+        last_micro_batch = parts.loader.batch % accum == 0
+        with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(parts.model):
+            with parts.autocast:
+                loss = parts.criterion(parts.model(images), targets)
+            accelerator.backward(loss / accum)
+        finite = torch.isfinite(loss.detach())
+        tally.bad_loss |= ~finite
+        tally.loss_sum += torch.where(finite, loss.detach().double(), 0.0) * labels.shape[0]
+        tally.images_seen += labels.shape[0] * accelerator.num_processes
+        tally.res_px = int(images.shape[-1])
+        self.bar.update(1)
+        return loss
+
+    def finish_update(self, epoch: int, loss: torch.Tensor) -> None:
+        """The end of an optimizer update: skip it or step, then the schedule, the logs and the
+        checkpoints; raise Diverged after too many non-finite losses in a row, Preempted on a signal."""
+        accelerator, parts, state, phase, loader, tally = self.accelerator, self.parts, self.state, self.phase, self.parts.loader, self.tally
+        # One small all-reduce decides for every process, so all skip or stop on the same update:
+        # [stop signal, non-finite loss on any rank]. Reading the loss flag is the step's one sync point.
+        stop_signal, skip = agreed_max(accelerator, [self.signals.requested, int(tally.bad_loss)])
+        tally.bad_loss.zero_()
+        if skip:
+            # Drop this update: no optimizer step, no EMA update, BatchNorm statistics put back.
+            parts.optimizer.zero_grad(set_to_none=True)
+            torch._foreach_copy_(self.buffers, self.good_buffers)
+            state.skipped_steps += 1
+            state.nonfinite_streak += 1
+            tally.skipped += 1
+        else:
+            if phase.clip_grad_norm > 0:
+                accelerator.clip_grad_norm_(parts.model.parameters(), phase.clip_grad_norm)
+            parts.optimizer.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_streak = 0
+            if parts.ema is not None:
+                parts.ema.update(parts.raw_model, step=state.step + 1)
+            torch._foreach_copy_(self.good_buffers, self.buffers)
+        # A skipped update still takes its place in the schedule: the LR stays a function of the batch.
+        state.step += 1
+        state.total_step += 1
+        state.batch = loader.batch
+        parts.scheduler.step_update(state.step)
+        where = {"phase": phase.name, "epoch": epoch, "step": state.step, "total_step": state.total_step}
+        if skip:
+            accelerator.print(
+                f"[{phase.name} {epoch + 1}/{phase.epochs}] step {state.step}: non-finite loss, update skipped "
+                f"({state.nonfinite_streak} in a row, {state.skipped_steps} in this phase)"
+            )
+            self.log.step({**where, "skipped": "non-finite loss"})
+            if state.nonfinite_streak >= phase.max_nonfinite_steps:
+                saved = self.checkpoint(None)
+                raise Diverged(
+                    f"phase {phase.name!r}: {state.nonfinite_streak} updates in a row had a non-finite loss (NaN or inf). "
+                    f"The last good weights are saved in {saved}. Lower phases.{self.phase_index}.lr_per_256, set "
+                    f"phases.{self.phase_index}.clip_grad_norm, or use precision=fp32, then resume with --resume auto"
+                )
+        if state.step % self.recipe.logging.log_every_steps == 0:
+            loss_value = loss.item()  # a sync point: only every log_every_steps
+            lr_now = parts.optimizer.param_groups[0]["lr"]
+            elapsed = time.perf_counter() - tally.started
+            self.bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{tally.images_seen / max(elapsed, 1e-9):.0f}")
+            self.log.step({**where, "loss": loss_value, "lr": lr_now}, epoch_progress=epoch + loader.batch / loader.batches_per_epoch)
+        mid_epoch = loader.batch < loader.batches_per_epoch  # at an epoch's end, end_epoch checkpoints
+        saved_now = bool(phase.checkpoint_every_steps) and state.step % phase.checkpoint_every_steps == 0
+        if saved_now and mid_epoch:
+            self.checkpoint(None)
+        if stop_signal and mid_epoch:
+            self.bar.close()
+            raise Preempted(stop_signal, self.checkpoints_dir / checkpoint_name(state.total_step) if saved_now else self.checkpoint(None))
+
+    def end_epoch(self, epoch: int) -> tuple[dict, dict | None]:
+        """Evaluate model and EMA, record the epoch, decide early stopping, checkpoint; returns the
+        (model, EMA) val scores. Raises Preempted when a signal came during the epoch's end."""
+        accelerator, parts, state, phase, tally = self.accelerator, self.parts, self.state, self.phase, self.tally
+        self.bar.close()
+        train_seconds = time.perf_counter() - tally.started
+        state.epoch, state.batch = epoch + 1, 0
+        samples = parts.loader.batches_per_epoch * phase.batch_size_per_device * accelerator.num_processes
+        train_loss = float(accelerator.reduce(tally.loss_sum.clone(), reduction="sum")) / samples
+        val = evaluate(parts.model, parts.val_loader, accelerator, parts.autocast)
+        ema_val = evaluate(parts.ema.module, parts.val_loader, accelerator, parts.autocast) if parts.ema is not None else None
+        for source, scores in (("model", val), ("ema", ema_val)):
+            if scores is not None and scores["top1"] > state.best_top1:
+                state.best_top1, state.best_source, state.best_epoch = scores["top1"], source, epoch
+        record = {
+            "phase_index": self.phase_index,
+            "phase": phase.name,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "val_samples": val["samples"],
+            "ema_val_top1": ema_val["top1"] if ema_val else None,
+            "ema_val_top5": ema_val["top5"] if ema_val else None,
+            "lr": parts.optimizer.param_groups[0]["lr"],
+            "res_px": tally.res_px,
+            "images_per_s": tally.images_seen / max(train_seconds, 1e-9),
+            "data_wait_share": tally.wait_s / max(train_seconds, 1e-9),
+            **step_time_percentiles_ms(tally.batch_seconds),
+            "skipped_steps": tally.skipped,
+            "total_step": state.total_step,
+        }
+        if accelerator.device.type == "cuda":
+            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        state.last_val = {"top1": val["top1"], "top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None}
+        if isinstance(parts.scheduler, PlateauLR):
+            parts.scheduler.epoch_end(val["top1"])
+            parts.scheduler.step_update(state.step)
+        score = early_stop_score(phase.early_stop_metric, val, ema_val)
+        if score > state.early_best:
+            state.early_best, state.early_bad_epochs = score, 0
+        else:
+            state.early_bad_epochs += 1
+        state.stopped_early = bool(phase.early_stop_patience and state.early_bad_epochs >= phase.early_stop_patience)
+        record["early_stopped"] = state.stopped_early
+        self.log.epoch(record, phase.epochs)
+        # curves.png, redrawn from history.jsonl (a plotting error is printed, never raised). A redraw
+        # costs ~1 s of this 2-core CPU: with epochs shorter than CURVES_EVERY_S it waits for the next
+        # one, except at the phase's last epoch.
+        redraw_due = time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_S or epoch + 1 == phase.epochs or state.stopped_early
+        if accelerator.is_main_process and redraw_due:
+            redraw_curves(self.run_dir)
+            self.curves_drawn_at = time.monotonic()
+        tally.loss_sum.zero_()
+        state.epoch_loss_sum = 0.0
+        saved = self.checkpoint(max(val["top1"], ema_val["top1"] if ema_val else -math.inf))
+        if state.stopped_early:
+            accelerator.print(f"[{phase.name}] early stop: {phase.early_stop_metric} did not improve for {phase.early_stop_patience} epochs")
+        # A signal during evaluation or the checkpoint just written (or at the epoch's last step): that
+        # checkpoint will do. Every process asks, so the all-reduce inside is matched on all of them.
+        stop_signal = self.signals.should_stop(accelerator)
+        if stop_signal:
+            raise Preempted(stop_signal, saved)
+        return val, ema_val
+
+    def checkpoint(self, val_top1: float | None) -> Path:
+        # Fold the epoch's running loss into the saved state, on every run alike, so a resumed run
+        # adds up its losses in the same order as one that never stopped.
+        accelerator, tally = self.accelerator, self.tally
+        total = accelerator.reduce(tally.loss_sum.clone(), reduction="sum")
+        tally.loss_sum.zero_()
+        if accelerator.is_main_process:
+            tally.loss_sum.add_(total)
+        self.state.epoch_loss_sum = float(total)
+        return save_checkpoint(accelerator, self.checkpoints_dir, self.state, val_top1, self.phase.keep_best_k)
+
+    def finish_phase(self, scores: tuple[dict, dict | None] | None) -> None:
+        """eval.json (and W&B's confusion matrix and predictions) for the weights as they are now. The
+        last epoch's scores describe them; a process resumed after the last epoch has none: score once."""
+        accelerator, parts = self.accelerator, self.parts
+        if scores is None:
+            val = evaluate(parts.model, parts.val_loader, accelerator, parts.autocast)
+            ema_val = evaluate(parts.ema.module, parts.val_loader, accelerator, parts.autocast) if parts.ema is not None else None
+            scores = val, ema_val
+        if accelerator.is_main_process:
+            record_phase_eval(accelerator, self.recipe, self.phase, self.run_dir, self.val_source, parts.raw_model,
+                              parts.ema, *scores, parts.autocast, self.state)
+        accelerator.free_memory()
 
 
 def step_time_percentiles_ms(batch_seconds: list[float]) -> dict[str, float]:
@@ -221,298 +485,6 @@ def early_stop_score(metric: str, val: dict, ema_val: dict | None) -> float:
         "best_top1": max(val["top1"], ema_top1),
         "val_loss": -val["loss"],
     }[metric]
-
-
-def train_phase(
-    accelerator,
-    recipe: Recipe,
-    phase_index: int,
-    model: torch.nn.Module,
-    data: Splits,
-    run_dir: Path,
-    state: TrainState,
-    resumable: Resumable,
-    log: RunLog,
-    resume_from: Path | None = None,
-    make_loaders: Callable | None = None,
-    signals: StopSignals | None = None,
-) -> TrainState:
-    phase: Phase = recipe.phases[phase_index]
-    device = accelerator.device
-    world = accelerator.num_processes
-    precision = resolve_precision(phase.precision, device)
-    global_batch = phase.batch_size_per_device * world * phase.grad_accum_steps
-    lr = phase.lr_per_256 * global_batch / 256
-    set_seed(recipe.seed + phase_index)  # dropout / drop-path draws; restored exactly on resume
-
-    if make_loaders is not None:  # a seam for benchmarks: any loader with TrainLoader's interface
-        loader, val_loader = make_loaders(phase, accelerator)
-    else:
-        loader, val_loader = build_loaders(recipe, phase, phase_index, data, accelerator)
-    updates_per_epoch = loader.batches_per_epoch // phase.grad_accum_steps
-
-    if recipe.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    raw_model = model.to(device)
-    optimizer, scheduler = build_optimizer(raw_model, phase, lr, updates_per_epoch)
-    ema = ModelEmaV3(raw_model, decay=phase.ema_decay, use_warmup=phase.ema_warmup) if phase.ema_decay > 0 else None
-    # Freezing is a function of the epoch; set it before DDP wraps the model (DDP syncs only the
-    # parameters that are trainable when it wraps).
-    start_epoch = read_state(resume_from)["epoch"] if resume_from is not None else 0
-    frozen = apply_freeze(raw_model, phase, start_epoch)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
-
-    resumable.parts = {"train_state": state, "loader": loader}
-    if ema is not None:
-        resumable.parts["ema"] = ema
-    if isinstance(scheduler, PlateauLR):  # the only schedule with state beyond the update count
-        resumable.parts["scheduler"] = scheduler
-    if resume_from is not None:
-        # Everything: weights, optimizer, RNGs, EMA, TrainState, loader position.
-        accelerator.load_state(str(resume_from))
-        # The same numbers, unless the loader moved its position to another process count (its load_state_dict).
-        state.step, state.batch = (loader.epoch * loader.batches_per_epoch + loader.batch) // phase.grad_accum_steps, loader.batch
-    else:
-        state.phase_index, state.phase_name = phase_index, phase.name
-        state.epoch = state.batch = state.step = 0
-        state.best_top1, state.best_source, state.best_epoch = -1.0, "", -1
-        state.epoch_loss_sum = 0.0
-        state.early_best, state.early_bad_epochs, state.stopped_early = -1e30, 0, False
-        state.skipped_steps = state.nonfinite_streak = 0
-    scheduler.step_update(state.step)
-
-    mixup, criterion = build_criterion(phase, raw_model.num_classes)
-    # timm's RandomErasing on the normalised batch, per sample (its draws come from the restored RNGs).
-    eraser = RandomErasing(phase.random_erasing, mode="pixel", device=str(device)) if phase.random_erasing else None
-    autocast = autocast_for(precision, device)
-    checkpoints_dir = run_dir / phase.name / "checkpoints"
-    accum = phase.grad_accum_steps
-    signals = signals or StopSignals()  # not installed: never set (benchmarks, in-process callers)
-    curves_drawn_at = -math.inf
-    # BatchNorm running statistics move in the forward pass, before the loss can be checked: kept
-    # from the start of each update so a skipped (non-finite) update leaves no trace in them.
-    buffers = [b for b in raw_model.buffers() if b.is_floating_point()]
-    good_buffers = [b.detach().clone() for b in buffers]
-
-    def checkpoint(val_top1: float | None) -> Path:
-        # Fold the epoch's running loss into the saved state, on every run alike, so a resumed run
-        # adds up its losses in the same order as one that never stopped.
-        total = accelerator.reduce(loss_sum.clone(), reduction="sum")
-        loss_sum.zero_()
-        if accelerator.is_main_process:
-            loss_sum.add_(total)
-        state.epoch_loss_sum = float(total)
-        return save_checkpoint(accelerator, checkpoints_dir, state, val_top1, phase.keep_best_k)
-
-    val = ema_val = None  # the last epoch's scores: eval.json reuses them at the phase end
-    for epoch in range(state.epoch, phase.epochs):
-        if state.stopped_early:
-            break
-        if phase.unfreeze_at and frozen_group_count(phase, len(stage_groups(raw_model)), epoch) != frozen:
-            frozen = apply_freeze(raw_model, phase, epoch)
-            # DDP registered the old set of trainable parameters: wrap again (the optimizer and its
-            # state are kept; frozen parameters were in it all along).
-            accelerator.free_memory()
-            model, optimizer = accelerator.prepare(raw_model, optimizer.optimizer)
-            accelerator.print(f"[{phase.name} {epoch + 1}/{phase.epochs}] unfroze a stage: {frozen} stage groups still frozen")
-        model.train()
-        if phase.freeze_bn_stats:
-            freeze_batchnorm_stats(raw_model)
-        # The epoch's summed loss so far: from the checkpoint on the main process, zero elsewhere.
-        loss_sum = torch.tensor(state.epoch_loss_sum if accelerator.is_main_process else 0.0, dtype=torch.float64, device=device)
-        images_seen = 0
-        skipped_in_epoch = 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        # Throughput: time blocked waiting for the loader, and wall time per batch (wait included).
-        # The per-update `.item()` below syncs the GPU, so compute time is not counted as waiting.
-        wait_s, batch_seconds = 0.0, []
-        started = batch_done = time.perf_counter()
-        bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-        bar = tqdm(
-            total=loader.batches_per_epoch,
-            initial=loader.batch if loader.epoch == epoch else 0,
-            desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
-            unit="batch",
-            disable=not (accelerator.is_main_process and recipe.logging.progress_bar),
-            mininterval=1.0,
-        )
-        for images, labels in loader.epoch_batches(epoch):
-            arrived = time.perf_counter()
-            wait_s += arrived - batch_done
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            targets = labels
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            if eraser is not None:
-                images = eraser(images)
-            update_now = loader.batch % accum == 0
-            # Only the last micro-batch of an accumulation group all-reduces gradients.
-            with contextlib.nullcontext() if update_now else accelerator.no_sync(model):
-                with autocast:
-                    logits = model(images)
-                    loss = criterion(logits, targets)
-                accelerator.backward(loss / accum)
-            finite = torch.isfinite(loss.detach())
-            bad_loss |= ~finite
-            loss_sum += torch.where(finite, loss.detach().double(), 0.0) * labels.shape[0]
-            images_seen += labels.shape[0] * world
-            bar.update(1)
-            if not update_now:
-                batch_done = time.perf_counter()
-                batch_seconds.append(batch_done - arrived)
-                continue
-            # One small all-reduce decides for every process, so all skip or stop on the same update:
-            # [stop signal, non-finite loss on any rank]. Reading the loss flag is the step's one sync point.
-            stop_signal, skip = agreed_max(accelerator, [signals.requested, int(bad_loss)])
-            bad_loss.zero_()
-            if skip:
-                # Drop this update: no optimizer step, no EMA update, BatchNorm statistics put back.
-                optimizer.zero_grad(set_to_none=True)
-                torch._foreach_copy_(buffers, good_buffers)
-                state.skipped_steps += 1
-                state.nonfinite_streak += 1
-                skipped_in_epoch += 1
-            else:
-                if phase.clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), phase.clip_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_streak = 0
-                if ema is not None:
-                    ema.update(raw_model, step=state.step + 1)
-                torch._foreach_copy_(good_buffers, buffers)
-            # A skipped update still takes its place in the schedule: the LR stays a function of the batch.
-            state.step += 1
-            state.total_step += 1
-            state.batch = loader.batch
-            scheduler.step_update(state.step)
-            if skip:
-                accelerator.print(
-                    f"[{phase.name} {epoch + 1}/{phase.epochs}] step {state.step}: non-finite loss, update skipped "
-                    f"({state.nonfinite_streak} in a row, {state.skipped_steps} in this phase)"
-                )
-                log.step({"phase": phase.name, "epoch": epoch, "step": state.step, "total_step": state.total_step, "skipped": "non-finite loss"})
-                if state.nonfinite_streak >= phase.max_nonfinite_steps:
-                    saved = checkpoint(None)
-                    raise Diverged(
-                        f"phase {phase.name!r}: {state.nonfinite_streak} updates in a row had a non-finite loss (NaN or inf). "
-                        f"The last good weights are saved in {saved}. Lower phases.{phase_index}.lr_per_256, set "
-                        f"phases.{phase_index}.clip_grad_norm, or use precision=fp32, then resume with --resume auto"
-                    )
-
-            if state.step % recipe.logging.log_every_steps == 0:
-                loss_value = loss.item()  # a sync point: only every log_every_steps
-                elapsed = time.perf_counter() - started
-                lr_now = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images_seen / max(elapsed, 1e-9):.0f}")
-                record = {"phase": phase.name, "epoch": epoch, "step": state.step, "total_step": state.total_step, "loss": loss_value, "lr": lr_now}
-                log.step(record)
-                accelerator.log({"train/loss": loss_value, "train/lr": lr_now, "epoch": epoch + loader.batch / loader.batches_per_epoch}, step=state.total_step)
-            if phase.checkpoint_every_steps and state.step % phase.checkpoint_every_steps == 0 and loader.batch < loader.batches_per_epoch:
-                checkpoint(None)
-            if stop_signal and loader.batch < loader.batches_per_epoch:  # at the epoch's end: after its checkpoint
-                bar.close()
-                just_saved = phase.checkpoint_every_steps and state.step % phase.checkpoint_every_steps == 0
-                raise Preempted(stop_signal, checkpoints_dir / checkpoint_name(state.total_step) if just_saved else checkpoint(None))
-            batch_done = time.perf_counter()
-            batch_seconds.append(batch_done - arrived)
-        bar.close()
-        train_seconds = time.perf_counter() - started
-
-        # Epoch end: evaluate model and EMA, record, checkpoint.
-        state.epoch, state.batch = epoch + 1, 0
-        train_loss = float(accelerator.reduce(loss_sum.clone(), reduction="sum")) / (loader.batches_per_epoch * phase.batch_size_per_device * world)
-        val = evaluate(model, val_loader, accelerator, autocast)
-        ema_val = evaluate(ema.module, val_loader, accelerator, autocast) if ema is not None else None
-        for source, scores in (("model", val), ("ema", ema_val)):
-            if scores is not None and scores["top1"] > state.best_top1:
-                state.best_top1, state.best_source, state.best_epoch = scores["top1"], source, epoch
-        record = {
-            "phase_index": phase_index,
-            "phase": phase.name,
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "val_samples": val["samples"],
-            "ema_val_top1": ema_val["top1"] if ema_val else None,
-            "ema_val_top5": ema_val["top5"] if ema_val else None,
-            "lr": optimizer.param_groups[0]["lr"],
-            "res_px": int(images.shape[-1]),  # what the model saw in this epoch's last batch
-            "images_per_s": images_seen / max(train_seconds, 1e-9),
-            "data_wait_share": wait_s / max(train_seconds, 1e-9),
-            **step_time_percentiles_ms(batch_seconds),
-            "skipped_steps": skipped_in_epoch,
-            "total_step": state.total_step,
-        }
-        if device.type == "cuda":
-            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        state.last_val = {"top1": val["top1"], "top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None}
-        if isinstance(scheduler, PlateauLR):
-            scheduler.epoch_end(val["top1"])
-            scheduler.step_update(state.step)
-        score = early_stop_score(phase.early_stop_metric, val, ema_val)
-        if score > state.early_best:
-            state.early_best, state.early_bad_epochs = score, 0
-        else:
-            state.early_bad_epochs += 1
-        state.stopped_early = bool(phase.early_stop_patience and state.early_bad_epochs >= phase.early_stop_patience)
-        record["early_stopped"] = state.stopped_early
-        log.epoch(record)
-        # curves.png, redrawn from history.jsonl (a plotting error is printed, never raised). A redraw
-        # costs ~1 s of this 2-core CPU: with epochs shorter than CURVES_EVERY_S it waits for the next
-        # one, except at the phase's last epoch.
-        redraw_due = time.monotonic() - curves_drawn_at >= CURVES_EVERY_S or epoch + 1 == phase.epochs or state.stopped_early
-        if accelerator.is_main_process and redraw_due:
-            redraw_curves(run_dir)
-            curves_drawn_at = time.monotonic()
-        scalars = {
-            "train/epoch_loss": train_loss,
-            "train/images_per_s": record["images_per_s"],
-            "system/images_per_s": record["images_per_s"],
-            "system/data_wait_share": record["data_wait_share"],
-            "system/step_ms_p50": record["step_ms_p50"],
-            "system/step_ms_p90": record["step_ms_p90"],
-            "system/skipped_steps": skipped_in_epoch,
-            "val/loss": val["loss"],
-            "val/top1": val["top1"],
-            "val/top5": val["top5"],
-            "epoch": epoch + 1,
-        }
-        if ema_val:
-            scalars.update({"ema_val/top1": ema_val["top1"], "ema_val/top5": ema_val["top5"]})
-        if "gpu_mem_gib" in record:
-            scalars["system/gpu_mem_gib"] = record["gpu_mem_gib"]
-        accelerator.log(scalars, step=state.total_step)
-        accelerator.print(
-            f"[{phase.name} {epoch + 1}/{phase.epochs}] train_loss {train_loss:.4f}  val_top1 {val['top1']:.4f}"
-            + (f"  ema_val_top1 {ema_val['top1']:.4f}" if ema_val else "")
-            + f"  {record['images_per_s']:.0f} img/s"
-        )
-        loss_sum.zero_()
-        state.epoch_loss_sum = 0.0
-        best_of_epoch = max(val["top1"], ema_val["top1"] if ema_val else -math.inf)
-        saved = checkpoint(best_of_epoch)
-        if state.stopped_early:
-            accelerator.print(f"[{phase.name}] early stop: {phase.early_stop_metric} did not improve for {phase.early_stop_patience} epochs")
-        # A signal during evaluation or the checkpoint just written (or at the epoch's last step): that
-        # checkpoint will do. Every process asks, so the all-reduce inside is matched on all of them.
-        stop_signal = signals.should_stop(accelerator)
-        if stop_signal:
-            raise Preempted(stop_signal, saved)
-
-    # Phase end: eval.json (and W&B's confusion matrix and predictions) for the weights as they are now.
-    # The last epoch's scores describe them; a process resumed after the last epoch has none: score once.
-    if val is None:
-        val = evaluate(model, val_loader, accelerator, autocast)
-        ema_val = evaluate(ema.module, val_loader, accelerator, autocast) if ema is not None else None
-    if accelerator.is_main_process:
-        record_phase_eval(accelerator, recipe, phase, run_dir, data.val, raw_model, ema, val, ema_val, autocast, state)
-    accelerator.free_memory()
-    return state
 
 
 def record_phase_eval(accelerator, recipe: Recipe, phase: Phase, run_dir: Path, val_source, raw_model: torch.nn.Module,

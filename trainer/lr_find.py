@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from timm.data.random_erasing import RandomErasing
 from tqdm.auto import tqdm
 
-from trainer.loop import autocast_for, build_criterion, build_loaders, build_optimizer, resolve_precision
+from trainer.atomic import write_atomic
+from trainer.data import load_splits
+from trainer.loop import set_up_phase
+from trainer.model import create_model, initialize
 from trainer.recipe import Recipe, RecipeError
-from trainer.run import create_model, initialize, load_splits
-from trainer.tracking import write_atomic
-from trainer.transfer import apply_freeze, ensure_head, freeze_batchnorm_stats
+from trainer.transfer import ensure_head, freeze_batchnorm_stats
 
 SMOOTHING_BETA = 0.98  # fastai's: an exponential average over ~50 steps
 DIVERGENCE_FACTOR = 4.0  # stop once the smoothed loss is this many times its best
@@ -113,40 +112,26 @@ def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: flo
     if accelerator.num_processes != 1:
         # Every process would write the same plot; one process is all the test needs.
         raise RecipeError("lr-find runs in one process: start it with python -m trainer, not accelerate launch")
-    device = accelerator.device
-    precision = resolve_precision(phase.precision, device)
-    accum = phase.grad_accum_steps
-    global_batch = phase.batch_size_per_device * accelerator.num_processes * accum
-
     num_classes = len(splits.train.classes)
     model = create_model(recipe, num_classes=num_classes)
     weights = starting_weights(model, recipe, phase_index, num_classes)
-    set_seed(recipe.seed + phase_index)  # as train_phase: the same dropout / drop-path draws
-    loader, _ = build_loaders(recipe, phase, phase_index, splits, accelerator)
-    if recipe.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(device)
-    # The recipe's optimizer (its weight-decay exclusions included); its scheduler is not used.
-    optimizer, _ = build_optimizer(model, phase, start_lr, max(loader.batches_per_epoch // accum, 1))
-    apply_freeze(model, phase, 0)  # the first epoch's frozen stages, as training starts the phase
-    raw_model = model
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The phase's own loss and batch augmentation: CrossEntropy with its label smoothing, or BCE,
-    # Mixup/CutMix and random erasing where the phase turns them on.
-    mixup, criterion = build_criterion(phase, num_classes)
-    eraser = RandomErasing(phase.random_erasing, mode="pixel", device=str(device)) if phase.random_erasing else None
-    autocast = autocast_for(precision, device)
+    # The phase as training builds it (loaders, the recipe's optimizer with its weight-decay exclusions,
+    # the first epoch's frozen stages, the loss and batch augmentation) with no EMA; the LR is set below.
+    parts = set_up_phase(accelerator, recipe, phase_index, model, splits, lr=start_lr, with_ema=False)
+    device, accum = accelerator.device, phase.grad_accum_steps
+    global_batch = phase.batch_size_per_device * accelerator.num_processes * accum
+    loader, model, optimizer = parts.loader, parts.model, parts.optimizer
 
     result = LRFindResult(
         recipe=recipe.name, phase_index=phase_index, phase_name=phase.name, global_batch=global_batch,
-        precision=precision, start_lr=start_lr, end_lr=end_lr, steps=steps, stop_reason="end_lr reached",
+        precision=parts.precision, start_lr=start_lr, end_lr=end_lr, steps=steps, stop_reason="end_lr reached",
         weights=weights,
     )
     average, best = 0.0, math.inf
     bar = tqdm(total=steps, desc=f"lr-find {phase.name}", unit="step", disable=not recipe.logging.progress_bar, mininterval=1.0)
     model.train()
     if phase.freeze_bn_stats:
-        freeze_batchnorm_stats(raw_model)
+        freeze_batchnorm_stats(parts.raw_model)
     update, micro_losses, epoch = 0, [], 0
     while update < steps:
         # An epoch shorter than the test: carry on into the next one, as training would.
@@ -157,12 +142,12 @@ def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: flo
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # timm's layer-decay scale, if any
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            if mixup is not None:
-                images, labels = mixup(images, labels)
-            if eraser is not None:
-                images = eraser(images)
-            with autocast:
-                loss = criterion(model(images), labels)
+            if parts.mixup is not None:
+                images, labels = parts.mixup(images, labels)
+            if parts.eraser is not None:
+                images = parts.eraser(images)
+            with parts.autocast:
+                loss = parts.criterion(model(images), labels)
             accelerator.backward(loss / accum)
             micro_losses.append(loss.item())  # a sync point every step: the stop test needs it anyway
             if len(micro_losses) < accum:

@@ -12,11 +12,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from loaders import IMAGENET_MEAN, IMAGENET_STD
+from loaders.screening import BAD_FILE_POLICIES
+
 PRECISIONS = ("auto", "fp32", "bf16")
 DECODE_DEVICES = ("auto", "cpu", "mixed")
-BAD_FILE_POLICIES = ("skip", "stop")  # data.bad_files; loaders.checks holds the same tuple
 INT_MAX = 2**31 - 1  # DALI, numpy seeds and torch take many of these as 32-bit integers
 MAX_RES_PX = 8192  # 8192² RGB is 200 MB a sample: a larger resolution is a typo, not a run
 MAX_HEAD_HIDDEN = 65536
@@ -444,3 +444,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         raise
     except (TypeError, ValueError) as err:  # a value that a type rejected
         raise RecipeError(f"{', '.join(_shown(o) for o in overrides)}: {_shown(str(err))}") from None
+
+
+def resolve_recipe(recipe: Recipe, sets: list[str], data: str | None = None) -> Recipe:
+    """The recipe as a command line asks for it: its `--set KEY=VALUE` overrides and `--data PATH`."""
+    return apply_overrides(recipe, [*sets, *([f"data.path={data}"] if data else [])])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import os
 import shutil
 import time
@@ -30,13 +29,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from trainer import atomic
 from trainer.curves import draw_curves
+from trainer.data import load_splits
+from trainer.hub import ensure_bundle
+from trainer.inference import gradcam, load_bundle, predict
 from trainer.metrics import most_confused
-from trainer.recipe import Recipe, RecipeError, apply_overrides, recipe_from_dict
-from trainer.run import RESOLVED_RECIPE, RUN_INFO, load_splits
-from trainer.tracking import EVAL_FILE
+from trainer.recipe import Recipe, RecipeError
+from trainer.run_folder import EVAL_FILE, REPORT_DIR, load_run, read_json
 
-REPORT_DIR = "report"
 PER_CLASS_DEFAULT = 8
 GALLERY_CLASSES_MAX = 100
 HEATMAP_CLASSES_MAX = 30
@@ -44,7 +45,6 @@ HEATMAP_ANNOTATE_MAX = 20  # counts written into the cells up to this many class
 CONFUSED_PAIRS = 10
 THUMBNAIL_PX = 224
 PREDICT_BATCH = 32
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass
@@ -69,31 +69,12 @@ class ReportResult:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise RecipeError(f"{path} is not valid JSON: {err}") from None
-
-
-def load_run(run_dir: Path, data: str | None = None) -> tuple[Recipe, dict[str, Any]]:
-    """The run's resolved recipe (data.path replaced by `data` when given) and run.json."""
-    missing = [name for name in (RUN_INFO, RESOLVED_RECIPE) if not (run_dir / name).is_file()]
-    if not run_dir.is_dir() or missing:
-        why = "it does not exist" if not run_dir.is_dir() else f"{' and '.join(missing)} missing"
-        raise RecipeError(f"{run_dir} is not a run folder: {why} (a run folder is what training writes under runs/)")
-    recipe = recipe_from_dict(_read_json(run_dir / RESOLVED_RECIPE))
-    if data:
-        recipe = apply_overrides(recipe, [f"data.path={data}"])
-    return recipe, _read_json(run_dir / RUN_INFO)
-
-
 def phase_evals(run_dir: Path, recipe: Recipe) -> list[tuple[str, dict[str, Any] | None]]:
     """(phase name, its eval.json or None when the phase has not finished) in recipe order."""
     found = []
     for phase in recipe.phases:
         path = run_dir / phase.name / EVAL_FILE
-        found.append((phase.name, _read_json(path) if path.is_file() else None))
+        found.append((phase.name, read_json(path) if path.is_file() else None))
     return found
 
 
@@ -189,8 +170,6 @@ def _source_name(source, index: int) -> str:
 def score_images(bundle, source, picked: dict[int, list[int]]) -> dict[int, list[Scored]]:
     """`trainer.inference.predict` over the picked images, in batches: per class, each image's
     confidence in its true class and the top prediction."""
-    from trainer.inference import predict
-
     flat = [(label, i) for label, indices in picked.items() for i in indices]
     scored: dict[int, list[Scored]] = {label: [] for label in picked}
     for start in range(0, len(flat), PREDICT_BATCH):
@@ -281,8 +260,6 @@ def pairs_table_html(confusion: np.ndarray, classes: list[str]) -> str:
 
 def _figure_html(kind: str, label: int, item: Scored, bundle, source, folder: Path, name: str) -> str:
     """One gallery entry: the image, its Grad-CAM overlay (of the predicted class) and the confidences."""
-    from trainer.inference import gradcam
-
     image = _open_image(source, item.index)
     stem = f"c{label:04d}-{kind}"
     _save_jpeg(image, folder / f"{stem}.jpg")
@@ -306,9 +283,6 @@ def _figure_html(kind: str, label: int, item: Scored, bundle, source, folder: Pa
 
 def _galleries_html(run_dir: Path, recipe: Recipe, record: dict[str, Any] | None, weights: str, per_class: int,
                     folder: Path, notes: list[str]) -> str:
-    from trainer.hub import ensure_bundle
-    from trainer.inference import load_bundle
-
     try:
         source = load_splits(recipe).val
     except (RecipeError, ValueError, OSError) as err:  # DataError is a ValueError
@@ -354,7 +328,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     out = Path(out) if out is not None else run_dir / REPORT_DIR
     if out.exists() and not (out / "index.html").is_file():
         raise RecipeError(f"{out} exists and is not a report folder; choose another --out")
-    tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
+    tmp = atomic.staging_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "img").mkdir(parents=True)
     notes: list[str] = []
@@ -364,9 +338,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
         (tmp / "index.html").write_text(page, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic.swap_in(tmp, out)  # the previous report is replaced only now
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ReportResult(out / "index.html", notes)

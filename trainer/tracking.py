@@ -1,17 +1,17 @@
-"""Run records: W&B through accelerate's trackers, plus history.jsonl (per epoch), steps.jsonl (per step) and
-each phase's eval.json with its W&B confusion matrix and prediction tables."""
+"""Run records: W&B through accelerate's trackers, history.jsonl (one record per epoch, which also feeds
+W&B and the console line), steps.jsonl, each phase's eval.json with its W&B confusion matrix and
+prediction tables, and the throughput summary at the end of a run."""
 
 from __future__ import annotations
 
 import json
 import netrc
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HISTORY = "history.jsonl"
-STEPS = "steps.jsonl"
+from trainer.atomic import write_text_atomic
+from trainer.run_folder import HISTORY, STEPS, read_jsonl
 
 
 def wandb_credentials_present() -> bool:
@@ -49,59 +49,57 @@ def start_trackers(accelerator, *, project: str, run_name: str, run_id: str, run
     )
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """`write(tmp)`, then rename tmp over `path`: the file is replaced whole or not at all (a kill
-    mid-write leaves the old one; run.json, history.jsonl and subset.json are read on resume). The
-    temporary file is removed if writing fails, so a full disk leaves no half file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill mid-write
-            continue
-    return records
+# history.jsonl's keys and their names on W&B: one epoch record feeds history.jsonl, W&B and the console.
+EPOCH_SCALARS = {
+    "train_loss": ("train/epoch_loss",),
+    "images_per_s": ("train/images_per_s", "system/images_per_s"),
+    "data_wait_share": ("system/data_wait_share",),
+    "step_ms_p50": ("system/step_ms_p50",),
+    "step_ms_p90": ("system/step_ms_p90",),
+    "skipped_steps": ("system/skipped_steps",),
+    "val_loss": ("val/loss",),
+    "val_top1": ("val/top1",),
+    "val_top5": ("val/top5",),
+    "ema_val_top1": ("ema_val/top1",),
+    "ema_val_top5": ("ema_val/top5",),
+    "gpu_mem_gib": ("system/gpu_mem_gib",),
+}
 
 
 class RunLog:
-    """history.jsonl and steps.jsonl in the run folder, written by the main process only."""
+    """Where a run's numbers go: history.jsonl and steps.jsonl in the run folder (main process only),
+    W&B through the accelerator's trackers, and the console."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, accelerator) -> None:
         self.history_path = Path(run_dir) / HISTORY
         self.steps_path = Path(run_dir) / STEPS
-        self.enabled = enabled
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
 
-    def epoch(self, record: dict[str, Any]) -> None:
+    def epoch(self, record: dict[str, Any], epochs: int) -> None:
+        """An epoch's record (of `epochs` in its phase): a line of history.jsonl, W&B scalars, a console line."""
         if self.enabled:
             _append_jsonl(self.history_path, record)
+        scalars = {name: record[key] for key, names in EPOCH_SCALARS.items() if record.get(key) is not None for name in names}
+        self.accelerator.log({**scalars, "epoch": record["epoch"] + 1}, step=record["total_step"])
+        ema = f"  ema_val_top1 {record['ema_val_top1']:.4f}" if record.get("ema_val_top1") is not None else ""
+        self.accelerator.print(
+            f"[{record['phase']} {record['epoch'] + 1}/{epochs}] train_loss {record['train_loss']:.4f}  "
+            f"val_top1 {record['val_top1']:.4f}{ema}  {record['images_per_s']:.0f} img/s"
+        )
 
-    def step(self, record: dict[str, Any]) -> None:
+    def step(self, record: dict[str, Any], epoch_progress: float | None = None) -> None:
+        """A line of steps.jsonl; a logged loss also goes to W&B (train/loss, train/lr) at `epoch_progress` epochs."""
         if self.enabled:
             _append_jsonl(self.steps_path, record)
+        if "loss" in record:
+            self.accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"], "epoch": epoch_progress}, step=record["total_step"])
 
     def history(self) -> list[dict[str, Any]]:
         return read_jsonl(self.history_path)
@@ -119,8 +117,6 @@ class RunLog:
 
 
 # -- phase-end evaluation --------------------------------------------------------------------------
-
-EVAL_FILE = "eval.json"
 
 
 def write_eval_json(path: Path, record: dict[str, Any]) -> None:

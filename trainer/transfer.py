@@ -1,4 +1,4 @@
-"""Transfer learning: initial weights (earlier phase, pretrained, file), heads, freezing by stage, LR groups.
+"""Transfer learning: heads, freezing by stage, and LR groups (initial weights are `trainer.model`'s).
 
 Stages come from timm's own `group_matcher(coarse=True)`: stem, then each stage, then the head
 (the parameters no stage claims). Freezing "stages:k" freezes the stem and the first k stages;
@@ -8,22 +8,13 @@ epoch listed in `unfreeze_at`, so the freezing of an epoch is a pure function of
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import timm
 import torch
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from timm.optim._param_groups import param_groups_weight_decay
 
 from trainer.inference import classifier_path, make_head
-from trainer.recipe import Phase, RecipeError
-
-
-class InitError(RecipeError):
-    """Initial weights cannot be found or do not fit the model; the message says how to provide them."""
-
+from trainer.recipe import Phase
 
 # -- heads (make_head and classifier_path live in trainer/inference.py, which bundles carry) --------
 
@@ -58,105 +49,6 @@ def ensure_head(model: torch.nn.Module, spec: str, num_classes: int, dropout: fl
         return False
     _set(model, path, wanted.to(next(current.parameters()).device))
     return True
-
-
-# -- initial weights -------------------------------------------------------------------------------
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
-    """Load `state` into `model`; head tensors whose shape differs (another class count) are left as
-    initialised. Anything else missing or mis-shaped is an error. Returns the skipped names."""
-    loadable, skipped = fitting_weights(model, state, what)
-    model.load_state_dict(loadable, strict=False)
-    return skipped
-
-
-def fitting_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(the tensors of `state` that `load_weights` loads, the head names it skips), or InitError. Shapes
-    only, so a model on the meta device checks a file before any work."""
-    own = model.state_dict()
-    head = classifier_path(model) + "."
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape and k.startswith(head)]
-    state = {k: v for k, v in state.items() if k not in skipped}
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state and not k.startswith(head)]
-    unexpected = [k for k in state if k not in own and not k.startswith(head)]
-    if missing or unexpected or wrong:
-        raise InitError(
-            f"{what} does not fit model {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shapes {wrong[:5]}; check model.arch"
-        )
-    return {k: v for k, v in state.items() if k in own}, skipped
-
-
-def _class_count(shapes: dict[str, torch.Size]) -> int:
-    """Classes of a head given its tensors' shapes: the output width of its last matrix ("fc.3.weight" after "fc.0.weight")."""
-    order = {k: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in k.split(".")] for k, v in shapes.items() if len(v) == 2}
-    return shapes[max(order, key=order.get)][0] if order else 0
-
-
-def check_kept_head(model: torch.nn.Module, state: dict[str, torch.Tensor], phase: Phase, what: str) -> None:
-    """A phase that keeps its head (head="") and starts from a weights file must find a head there that
-    fits: `load_weights` would otherwise leave a head of another class count (or shape) randomly
-    initialised without a word, and the phase would train what was meant to be a trained classifier from
-    scratch. A file without a head (a bare backbone) is fine. A new head is asked for with head="linear"."""
-    if phase.head:
-        return
-    prefix = classifier_path(model) + "."
-    own = {k: v.shape for k, v in model.state_dict().items() if k.startswith(prefix)}
-    theirs = {k: v.shape for k, v in state.items() if k.startswith(prefix)}
-    if not theirs or own == theirs:
-        return
-    ours, file_classes = _class_count(own), _class_count(theirs)
-    found = f"{file_classes} classes" if file_classes != ours else f"the same {ours} classes but another shape ({', '.join(f'{k} {tuple(v)}' for k, v in theirs.items())})"
-    raise InitError(
-        f"phase {phase.name!r}: {what} holds a head for {found}, and this phase keeps its head (head=\"\"), "
-        f"which needs one for the data's {ours} classes; to train a new head, set head=\"linear\" (or \"mlp:<hidden>\") "
-        f"on this phase, e.g. --set phases.{phase.name}.head=linear; or check --data and init"
-    )
-
-
-def read_state_file(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InitError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors, pickle and zip each raise their own type for a damaged file
-        raise InitError(f"weights file {path} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]}); is it a .safetensors or torch .pth file?") from None
-    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InitError(f"weights file {path} holds no state dict (name -> tensor)")
-    return state
-
-
-def pretrained_file(arch: str, local_file: str = "") -> Path:
-    """timm's pretrained weights for `arch`, offline: `local_file` if given, else the Hugging Face
-    cache (filled earlier by any timm download). Never downloads."""
-    if local_file:
-        return Path(local_file).expanduser()
-    cfg = timm.models.get_pretrained_cfg(arch.split(".")[0])
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
-    if hub_id:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        for filename in ("model.safetensors", "pytorch_model.bin"):
-            try:
-                return Path(hf_hub_download(hub_id, filename, local_files_only=True))
-            except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-                continue
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-    raise InitError(
-        f"no pretrained weights for {arch!r} on this machine (looked for {hub_id or 'a timm hub id'} in {cache}). "
-        "Provide them: set model.pretrained_file=/path/to/weights.safetensors (e.g. --set model.pretrained_file=...), "
-        f"or on a connected machine run python -c \"import timm; timm.create_model('{arch}', pretrained=True)\" "
-        "to fill the cache and copy it here"
-    )
 
 
 # -- freezing and LR groups ------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from conftest import (
     two_cpu_launcher,
 )
 
-from trainer.checkpoint import TMP_PREFIX, complete_checkpoints, read_state
+from trainer.atomic import TMP_PREFIX
+from trainer.run_folder import complete_checkpoints, read_state
 
 
 def _steps(run_dir: Path) -> list[dict]:
@@ -149,9 +150,8 @@ POISON = """
 import sys
 sys.path.insert(0, {repo!r})
 import torch
+from trainer import launch as run_module
 from trainer.__main__ import load_recipe
-
-run_module = sys.modules["trainer.run"]  # the module: `trainer.run` the attribute is the function
 
 BAD_FORWARDS = {bad!r}  # training forward passes (1-based) whose input batch becomes NaN
 create_model = run_module.create_model

@@ -31,10 +31,7 @@ from conftest import (
     two_cpu_launcher,
 )
 
-from loaders import order
-from loaders.dali import TrainLoader
-from loaders.sources import image_folder_splits
-from trainer.checkpoint import complete_checkpoints, read_state
+from trainer.run_folder import complete_checkpoints, read_state
 
 # 96 training images over 2 processes in batches of 8: 6 steps an epoch on 2 processes, 12 on 1.
 SETS = [
@@ -127,26 +124,6 @@ def exit_code_reported(output: str, pid: int) -> int | None:
     """The exit code torchrun's failure report gives for `pid`."""
     found = re.search(rf"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*{pid}\)", output)
     return int(found.group(1)) if found else None
-
-
-def test_loader_position_moves_to_another_process_count_without_losing_samples(tiny_imagenet):
-    train, _ = image_folder_splits(tiny_imagenet)
-    loader = lambda world, **kw: TrainLoader(train, batch_size=8, seed=3, world_size=world, decode_device="cpu", **kw)  # noqa: E731
-    two = loader(2)
-    two.seek(1, 2)  # both ranks trained 2 batches of epoch 1: 32 images
-    one = loader(1)
-    one.load_state_dict(two.state_dict())
-    assert (one.epoch, one.batch) == (1, 4)
-    trained = {int(i) for rank in (0, 1) for i in order.train_order(96, seed=3, epoch=1, rank=rank, world_size=2, batch_size=8)[:16]}
-    rest = order.train_order(96, seed=3, epoch=1, rank=0, world_size=1, batch_size=8)[32:]
-    assert trained.isdisjoint(rest.tolist()) and len(trained) + len(rest) == 96  # each image once in the epoch
-    # 56 images on 1 process: 2 processes accumulating 2 batches per update go on after 32 of them
-    # (3 batches of 16 would end mid-update; an image may be seen again, none is skipped).
-    one.seek(1, 7)
-    again = loader(2, rank=1, batch_multiple=2)
-    again.load_state_dict(one.state_dict())
-    assert (again.epoch, again.batch) == (1, 2)
-    assert loader(1).state_dict()["batch_size"] == 8  # what a later resume converts from
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""A real short training run: history, checkpoints, the resolved recipe, and W&B offline files read back."""
+"""A real short training run: history, checkpoints, the resolved recipe, and W&B offline files read back;
+and a run with gradient accumulation, clipping and channels_last."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import wandb_files
 from conftest import FAST, REPO, run_recipe
 from safetensors.torch import load_file
 
-from trainer.checkpoint import STATE_FILE, read_state
+from trainer.run_folder import STATE_FILE, read_state
 
 SETS = FAST + ["phases.0.epochs=3", "phases.0.checkpoint_every_steps=5", "phases.0.keep_best_k=1", "phases.0.ema_decay=0.9"]
 
@@ -102,3 +103,19 @@ def test_throughput_report_per_epoch_and_at_the_end(short_run):
     logged = [r for r in wandb_files.history(run_file) if "system/data_wait_share" in r]
     assert [r["system/data_wait_share"] for r in logged] == pytest.approx([r["data_wait_share"] for r in lines])
     assert all("system/step_ms_p90" in r for r in logged)
+
+
+def test_accumulation_clipping_channels_last_run(tmp_path, tiny_imagenet, run_env):
+    run_dir = tmp_path / "accum"
+    sets = FAST + [
+        "phases.0.epochs=1", "phases.0.warmup_epochs=0", "phases.0.grad_accum_steps=3", "phases.0.clip_grad_norm=1.0",
+        "model.channels_last=true", "logging.wandb=false",
+    ]
+    done = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=run_env, sets=sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [s["total_step"] for s in steps] == [1, 2, 3, 4]  # 12 batches of 8 / 3 per update
+    # The LR is scaled by the global batch: 8 per device x 3 accumulated = 24 images per update.
+    recipe = json.loads((run_dir / "recipe.json").read_text())
+    peak = recipe["phases"][0]["lr_per_256"] * 24 / 256
+    assert max(s["lr"] for s in steps) <= peak + 1e-12

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from trainer.checkpoint import STATE_FILE, TrainState, best_checkpoint, complete_checkpoints, newest_checkpoint, prune
+from trainer.checkpoint import TrainState, prune
+from trainer.run_folder import STATE_FILE, best_checkpoint, complete_checkpoints, newest_checkpoint
 
 
 def _fake(folder, phase_index, total_step, val_top1):

@@ -5,49 +5,22 @@ and `compare` over two runs."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import math
-import struct
-from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 from conftest import FAST, run_recipe
+from pages import PageParser, cli, png_size
 from PIL import Image
 
-from trainer.__main__ import main
-from trainer.curves import CURVES, CURVES_SIZE_PX, draw_curves, epoch_positions, redraw_curves
+from trainer.curves import CURVES, CURVES_SIZE_PX
 from trainer.inference import load_bundle, predict
-from trainer.report import (
-    GALLERY_CLASSES_MAX,
-    HEATMAP_CLASSES_MAX,
-    gallery_labels,
-    heatmap_classes,
-    pairs_table_html,
-    per_class_table_html,
-)
-from trainer.tracking import HISTORY, read_jsonl
+from trainer.run_folder import HISTORY, read_jsonl
 
 TRAIN = [*FAST, "phases.0.warmup_epochs=0", "logging.wandb=false"]  # quickstart: EMA on
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the PNG's IHDR chunk, after checking the signature."""
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
-    return struct.unpack(">II", data[16:24])
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -62,34 +35,6 @@ def runs(tmp_path_factory, tiny_imagenet, run_env) -> tuple[Path, Path]:
         assert done.returncode == 0, done.stderr[-3000:]
         made.append(run_dir)
     return made[0], made[1]
-
-
-class PageParser(HTMLParser):
-    """Every <img> src and every gallery <figure> (its data-* attributes, image sources and caption text)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.images: list[dict[str, str]] = []
-        self.figures: list[dict] = []
-        self.text: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "figure":
-            self.figures.append({"attrs": attrs, "images": [], "text": []})
-        elif tag == "img":
-            self.images.append(attrs)
-            if self.figures and self.figures[-1].get("open", True):
-                self.figures[-1]["images"].append(attrs)
-
-    def handle_endtag(self, tag):
-        if tag == "figure":
-            self.figures[-1]["open"] = False
-
-    def handle_data(self, data):
-        self.text.append(data)
-        if self.figures and self.figures[-1].get("open", True):
-            self.figures[-1]["text"].append(data)
 
 
 def resolve_image(report_dir: Path, src: str) -> Image.Image:
@@ -113,28 +58,6 @@ def test_curves_redrawn_every_epoch(runs):
         # Drawn after the last epoch's record was appended: the figure shows every epoch of the run.
         assert curves.stat().st_mtime >= (folder / HISTORY).stat().st_mtime
     assert not list(run_dir.glob(".tmp-*"))  # written under a temporary name and renamed
-
-
-def test_curves_count_epochs_across_phases(tmp_path):
-    history = [  # written out of order: the figure orders by (phase, epoch)
-        {"phase_index": 1, "phase": "finetune", "epoch": 0, "train_loss": 0.6, "val_loss": 0.7, "val_top1": 0.7, "val_top5": 0.9,
-         "ema_val_top1": 0.72, "lr": 1e-4, "total_step": 40},
-        *({"phase_index": 0, "phase": "head", "epoch": e, "train_loss": 1.0 - 0.1 * e, "val_loss": 1.1 - 0.1 * e, "val_top1": 0.5,
-           "val_top5": 0.8, "ema_val_top1": None, "lr": 1e-3, "total_step": 10 * (e + 1)} for e in range(3)),
-    ]
-    (tmp_path / HISTORY).write_text("".join(json.dumps(r) + "\n" for r in history))
-    records, x = epoch_positions(read_jsonl(tmp_path / HISTORY))
-    assert [(r["phase"], r["epoch"]) for r in records] == [("head", 0), ("head", 1), ("head", 2), ("finetune", 0)]
-    assert x.tolist() == [1, 2, 3, 4]
-    assert png_size(draw_curves(tmp_path)) == CURVES_SIZE_PX
-    assert draw_curves(tmp_path / "empty-run") is None  # nothing to draw before the first epoch
-
-
-def test_a_plotting_error_never_stops_training(tmp_path, capsys):
-    (tmp_path / HISTORY).write_text(json.dumps({"phase_index": 0, "phase": "main", "epoch": 0, "val_top1": "not a number"}) + "\n")
-    redraw_curves(tmp_path)  # must not raise: the loop calls it between epochs
-    assert "warning: could not draw" in capsys.readouterr().err
-    assert not (tmp_path / CURVES).exists()
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -206,34 +129,6 @@ def test_report_galleries_match_predict(report, runs):
             assert math.isclose(float(attrs["data-predicted-prob"]), top[0][1], abs_tol=1e-5)
             caption = " ".join(figure["text"])
             assert f"{dict(top)[name]:.1%}" in caption and f"{top[0][1]:.1%}" in caption
-
-
-def test_report_refuses_what_is_not_a_run(tmp_path, tiny_imagenet):
-    code, _, err = cli("report", str(tiny_imagenet))
-    assert code == 2 and "is not a run folder" in err and "Traceback" not in err
-
-
-def test_report_caps_for_many_classes():
-    # ImageNet-sized: the heatmap keeps the most confused classes, the galleries the lowest recall.
-    classes = [f"class {i}" for i in range(1000)]
-    confusion = np.eye(1000, dtype=np.int64) * 50
-    confusion[10, 900], confusion[900, 10], confusion[500, 501] = 30, 5, 20
-    shown = heatmap_classes(confusion)
-    assert len(shown) == HEATMAP_CLASSES_MAX and {10, 900, 500, 501} <= set(shown)
-    per_class = {name: {"recall": 1.0} for name in classes}
-    per_class["class 777"]["recall"] = 0.1
-    chosen = gallery_labels(classes, {"model": {"per_class": per_class}}, "model", GALLERY_CLASSES_MAX)
-    assert len(chosen) == GALLERY_CLASSES_MAX and 777 in chosen
-
-
-def test_report_escapes_class_names():
-    classes = ["<b>cats & dogs</b>", "plain"]  # folder names are free text: they must show as text, not markup
-    confusion = np.array([[3, 1], [2, 4]])
-    per_class = {name: {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 4} for name in classes}
-    for fragment in (pairs_table_html(confusion, classes), per_class_table_html({"classes": classes, "model": {"per_class": per_class}}, "model")):
-        parser = PageParser()
-        parser.feed(fragment)
-        assert "<b>" not in fragment and "<b>cats & dogs</b>" in "".join(parser.text)
 
 
 # -- compare ---------------------------------------------------------------------------------------

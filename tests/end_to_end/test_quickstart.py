@@ -8,20 +8,6 @@ import shutil
 import pytest
 from conftest import REPO, run_recipe
 
-from loaders.digits import digits_folder
-from loaders.sources import image_folder_splits
-
-
-def test_digits_are_written_once_as_a_jpeg_image_folder(tmp_path):
-    folder = digits_folder(tmp_path)
-    files = sorted(folder.rglob("*.jpg"))
-    assert len(files) == 1797 and sorted(p.name for p in folder.iterdir()) == [str(d) for d in range(10)]
-    stamp = files[0].stat().st_mtime_ns
-    assert digits_folder(tmp_path) == folder and files[0].stat().st_mtime_ns == stamp  # cached
-    train, val = image_folder_splits(folder, val_fraction=0.2, seed=0)
-    assert (len(train), len(val)) == (1438, 359)
-    assert all(135 <= n <= 150 for n in train.class_counts().values())  # 80% of ~180 per class
-
 
 @pytest.mark.slow
 def test_quickstart_reaches_95_percent(tmp_path, run_env):

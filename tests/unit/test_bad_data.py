@@ -1,5 +1,6 @@
-"""Bad data, injected for real: files a scraper, a camera or a failing disk leaves behind, written into a
-small ImageFolder, then found by `check-data` and survived (skipped, converted, or stopped on) by training."""
+"""Bad data, injected for real (`bad_files`): `check-data` reports each kind with its path and exit code,
+the structural check knows what DALI rejects, converted files decode to their RGB versions' pixels, the
+loaders replace files that fail only in the decoder, and data.bad_files=stop stops before training."""
 
 from __future__ import annotations
 
@@ -8,84 +9,21 @@ import json
 import logging
 import re
 import shutil
-import struct
 from pathlib import Path
 
+import bad_files
 import numpy as np
 import pytest
-from conftest import CLASSES, FAST, REPO, run_recipe, two_cpu_launcher, write_image_folder
+from bad_files import BIT_ROT, CONVERTED, KEPT, SKIPPED, by_name
+from conftest import CLASSES, FAST, REPO
 from PIL import Image
 
-from loaders.checks import BadFile, read_file_header, screen
 from loaders.dali import EvalLoader, TrainLoader
+from loaders.headers import BadFile, read_file_header
+from loaders.screening import screen
 from loaders.sources import image_folder_splits, scan_image_folder
 from trainer.__main__ import load_recipe, main
-from trainer.run import run
-
-# Bad files: a run skips them before it starts (or stops on them with data.bad_files=stop).
-SKIPPED = {
-    "cut.JPEG": "truncated",  # a download cut off halfway
-    "empty.JPEG": "zero-byte",
-    "notes.jpg": "not-an-image",  # an HTML error page saved under an image name
-    "cut_val.JPEG": "truncated",
-}
-# Passes the header check, fails in the decoder: replaced at run time, logged with its path.
-BIT_ROT = {"bitrot.png": "undecodable", "bitrot_val.png": "undecodable"}
-CONVERTED = {"print.jpg": "cmyk", "scan.JPEG": "greyscale", "depth.png": "16-bit"}
-KEPT = {"panorama.jpg": "huge", "icon.jpg": "tiny", "copy.JPEG": "duplicate"}
-
-
-def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **kwargs)
-    return out.getvalue()
-
-
-def _photo(seed: int, size=(60, 44)) -> Image.Image:
-    y, x = np.mgrid[0 : size[1], 0 : size[0]]
-    rng = np.random.default_rng(seed)
-    pixels = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1) + rng.normal(0, 8, (size[1], size[0], 3))
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-
-
-def _bit_rot_png(image: Image.Image) -> bytes:
-    """A PNG whose chunks are intact but whose image data had bytes flipped (its CRC no longer matches)."""
-    data = bytearray(_encoded(image, "PNG"))
-    start = data.find(b"IDAT") + 4
-    length = struct.unpack(">I", data[start - 8 : start - 4])[0]
-    for k in range(start + length // 3, start + length // 3 + 40):
-        data[k] ^= 0x5A
-    return bytes(data)
-
-
-def inject_file_faults(root: Path) -> None:
-    """The files of SKIPPED, BIT_ROT, CONVERTED and KEPT, written into root/train and root/val."""
-    a, b, c = (root / "train" / name for name in CLASSES)
-    good = (a / f"{CLASSES[0]}_0.JPEG").read_bytes()
-    (a / "cut.JPEG").write_bytes(good[: len(good) // 2])
-    (a / "empty.JPEG").write_bytes(b"")
-    (a / "notes.jpg").write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>\n")
-    (a / "print.jpg").write_bytes(_encoded(_photo(1).convert("CMYK"), "JPEG", quality=95))
-    (b / "scan.JPEG").write_bytes(_encoded(_photo(2).convert("L"), "JPEG", quality=95))
-    grey = np.asarray(_photo(3).convert("L"), dtype=np.uint16) * 257
-    (b / "depth.png").write_bytes(_encoded(Image.fromarray(grey), "PNG"))  # mode I;16
-    # 7100 x 7100 = 50.4 MP; one flat colour, so 0.8 MB on disk.
-    Image.new("RGB", (7100, 7100), (20, 150, 90)).save(c / "panorama.jpg", quality=50)
-    _photo(4, size=(4, 4)).save(c / "icon.jpg")
-    (c / "bitrot.png").write_bytes(_bit_rot_png(_photo(5)))
-    val = root / "val"
-    val_good = (val / CLASSES[1] / f"{CLASSES[1]}_0.JPEG").read_bytes()
-    (val / CLASSES[1] / "cut_val.JPEG").write_bytes(val_good[: len(val_good) * 2 // 3])
-    (val / CLASSES[2] / "bitrot_val.png").write_bytes(_bit_rot_png(_photo(6)))
-    shutil.copy(a / f"{CLASSES[0]}_1.JPEG", val / CLASSES[0] / "copy.JPEG")  # a train image leaked into val
-
-
-@pytest.fixture(scope="module")
-def bad_folder(tmp_path_factory) -> Path:
-    """48 train + 12 val good JPEGs, then every file fault: 57 train files (54 usable), 15 val (14)."""
-    root = write_image_folder(tmp_path_factory.mktemp("bad-data"), {"train": 16, "val": 4})
-    inject_file_faults(root)
-    return root
+from trainer.launch import run
 
 
 def check_data(capsys, *args: str) -> tuple[int, str]:
@@ -97,16 +35,12 @@ def check_data(capsys, *args: str) -> tuple[int, str]:
     return status, capsys.readouterr().out
 
 
-def by_name(findings: list[dict]) -> set[tuple[str, str]]:
-    return {(Path(f["path"]).name, f["kind"]) for f in findings}
-
-
 def test_check_data_reports_every_kind_with_its_path(bad_folder, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(bad_folder, root)
     (root / "train" / "n09999999").mkdir()  # a class folder left empty
     (root / "val" / "n08888888").mkdir()  # a class only val has
-    _photo(7).save(root / "val" / "n08888888" / "stray.JPEG")
+    bad_files.photo(7).save(root / "val" / "n08888888" / "stray.JPEG")
 
     status, out = check_data(capsys, str(root), "--json")
     assert status == 2  # unusable as it is: a run would stop
@@ -160,14 +94,14 @@ def test_structural_check_knows_what_dali_rejects(bad_folder):
 
 def test_converted_files_decode_like_their_rgb_versions(tmp_path):
     """Greyscale, CMYK, 16-bit, palette and alpha files give the pixels of their RGB equivalents."""
-    photo = _photo(8, size=(48, 48))
+    photo = bad_files.photo(8, size=(48, 48))
     grey = photo.convert("L")
     pairs = {  # the file as stored -> the same picture as plain 8-bit RGB
-        "cmyk.jpg": (_encoded(photo.convert("CMYK"), "JPEG", quality=100), None),
-        "grey.png": (_encoded(grey, "PNG"), grey.convert("RGB")),
-        "grey16.png": (_encoded(Image.fromarray(np.asarray(grey, np.uint16) * 257), "PNG"), grey.convert("RGB")),
-        "palette.png": (_encoded(photo.convert("P"), "PNG"), photo.convert("P").convert("RGB")),
-        "alpha.png": (_encoded(photo.convert("RGBA"), "PNG"), photo),
+        "cmyk.jpg": (bad_files.encoded(photo.convert("CMYK"), "JPEG", quality=100), None),
+        "grey.png": (bad_files.encoded(grey, "PNG"), grey.convert("RGB")),
+        "grey16.png": (bad_files.encoded(Image.fromarray(np.asarray(grey, np.uint16) * 257), "PNG"), grey.convert("RGB")),
+        "palette.png": (bad_files.encoded(photo.convert("P"), "PNG"), photo.convert("P").convert("RGB")),
+        "alpha.png": (bad_files.encoded(photo.convert("RGBA"), "PNG"), photo),
     }
     for name, (stored, _) in pairs.items():
         (tmp_path / "stored" / "x").mkdir(parents=True, exist_ok=True)
@@ -196,7 +130,7 @@ def test_loaders_survive_files_that_fail_only_in_the_decoder(bad_folder, caplog)
         loader = TrainLoader(train, batch_size=6, seed=0, res_px_for_epoch=lambda epoch: 32, decode_device="cpu")
         return [(images.numpy(), labels.tolist()) for images, labels in loader.epoch_batches(0)]
 
-    with caplog.at_level(logging.WARNING, logger="loaders.dali"):
+    with caplog.at_level(logging.WARNING, logger="loaders.recovery"):
         first = one_epoch()
     assert len(first) == 9 and all(images.shape == (6, 3, 32, 32) for images, _ in first)  # 54 / 6: none lost
     replaced = [r.getMessage() for r in caplog.records if "bad training file replaced" in r.getMessage()]
@@ -205,33 +139,10 @@ def test_loaders_survive_files_that_fail_only_in_the_decoder(bad_folder, caplog)
     assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, again))
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="loaders.dali"):
+    with caplog.at_level(logging.WARNING, logger="loaders.recovery"):
         labels = [label for _, batch in EvalLoader(val, batch_size=4, res_px=32, decode_device="cpu") for label in batch.tolist()]
     assert len(labels) == 16 and labels.count(-1) == 3  # 14 files, 2 padding, the bit-rotted one not scored
     assert any(str(bad_folder / "val" / CLASSES[2] / "bitrot_val.png") in r.getMessage() for r in caplog.records)
-
-
-def test_training_skips_bad_files_converts_the_rest_and_logs_them(bad_folder, tmp_path, run_env):
-    run_dir = tmp_path / "run"
-    sets = FAST + ["phases.0.epochs=1", "phases.0.warmup_epochs=0", "phases.0.batch_size_per_device=6", "logging.wandb=false"]
-    done = run_recipe("quickstart.py", "--data", str(bad_folder), "--run-dir", str(run_dir), env=run_env, sets=sets)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-    info = json.loads((run_dir / "run.json").read_text())
-    assert (info["train_images"], info["val_images"]) == (54, 14)  # the 4 SKIPPED files left out, nothing else
-    record = json.loads((run_dir / "bad_files.json").read_text())
-    assert record["policy"] == "skip"
-    assert by_name(record["skipped"]) == set(SKIPPED.items())
-    assert record["converted"] == {"cmyk": 1, "greyscale": 1, "16-bit": 1}
-    assert record["kept"] == {"huge": 1, "tiny": 1}
-    assert "bad files: skipped 4 (truncated 2, zero-byte 1, not-an-image 1)" in done.stdout
-    assert str(bad_folder / "train" / CLASSES[0] / "empty.JPEG") in done.stdout
-    assert "converted to RGB by the decoder: 3 files" in done.stdout
-    # Bit rot surfaced in the decoder mid-epoch: replaced and logged with its path, not a crash.
-    assert f"bad training file replaced: {bad_folder / 'train' / CLASSES[2] / 'bitrot.png'}" in done.stderr
-    assert f"bad val file replaced: {bad_folder / 'val' / CLASSES[2] / 'bitrot_val.png'}" in done.stderr
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    assert len(history) == 1 and history[0]["val_samples"] == 13  # the bit-rotted val file is not scored
 
 
 def test_stop_policy_exits_2_before_training_with_the_list(bad_folder, tmp_path, capsys):
@@ -249,17 +160,3 @@ def test_stop_policy_exits_2_before_training_with_the_list(bad_folder, tmp_path,
     assert not run_dir.exists()  # stopped before the run folder, the model or a step
 
 
-def test_two_processes_train_through_bad_files(bad_folder, tmp_path, run_env):
-    launcher = two_cpu_launcher(29541)
-    env = {**run_env, "ACCELERATE_USE_CPU": "1"}
-    run_dir = tmp_path / "ddp"
-    sets = FAST + ["phases.0.epochs=1", "phases.0.warmup_epochs=0", "phases.0.batch_size_per_device=9", "logging.wandb=false"]
-    done = run_recipe("quickstart.py", "--data", str(bad_folder), "--run-dir", str(run_dir), env=env, sets=sets, launcher=launcher)
-    assert done.returncode == 0, done.stderr[-4000:]
-    info = json.loads((run_dir / "run.json").read_text())
-    assert info["num_processes"] == 2 and info["train_images"] == 54
-    checksums = info["phases"]["main"]["param_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]  # both ranks took every step together
-    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
-    assert steps[-1]["total_step"] == 3  # 54 images / 2 ranks / 9 per batch
-    assert "bitrot.png" in done.stderr  # the rank that met it replaced it and said so

@@ -9,10 +9,8 @@ import torchvision.transforms.functional as TF
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
-from loaders import order
+from loaders import IMAGENET_MEAN, IMAGENET_STD, order
 from loaders.dali import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     TrainAugment,
     TrainLoader,
     _brightness_contrast,

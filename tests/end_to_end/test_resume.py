@@ -9,7 +9,7 @@ import time
 
 from conftest import REPO, RESUME_SETS, assert_same_weights, history_without_timings, recipe_command, run_recipe
 
-from trainer.checkpoint import complete_checkpoints, read_state
+from trainer.run_folder import complete_checkpoints, read_state
 
 SETS = RESUME_SETS
 

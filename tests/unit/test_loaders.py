@@ -1,4 +1,5 @@
-"""Sources, sample order, and the real DALI CPU pipelines."""
+"""Sources, sample order, and the real DALI CPU pipelines; the embedded digits; the loader position moved
+to another process count."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import (
+    write_image_folder,
+)
 from PIL import Image
 
 from loaders import order
 from loaders.dali import EvalLoader, TrainAugment, TrainLoader
+from loaders.digits import digits_folder
 from loaders.sources import DataError, image_folder_splits, scan_image_folder, stratified_split
 
 
@@ -221,7 +225,11 @@ def test_crop_windows_follow_torchvision_random_resized_crop():
 
 
 def test_encoded_size_reads_headers(tmp_path):
-    from loaders.sources import encoded_size
+    from loaders.headers import read_header
+
+    def encoded_size(data):  # (height, width) as stored, from the header alone
+        header = read_header(data)
+        return header.height, header.width
 
     for suffix, size in ((".jpg", (37, 81)), (".png", (64, 20)), (".webp", (10, 12))):
         path = tmp_path / f"x{suffix}"
@@ -230,3 +238,34 @@ def test_encoded_size_reads_headers(tmp_path):
     progressive = tmp_path / "p.jpg"
     Image.new("RGB", (300, 200)).save(progressive, progressive=True)
     assert encoded_size(np.fromfile(progressive, dtype=np.uint8)) == (200, 300)
+
+
+def test_loader_position_moves_to_another_process_count_without_losing_samples(tiny_imagenet):
+    train, _ = image_folder_splits(tiny_imagenet)
+    loader = lambda world, **kw: TrainLoader(train, batch_size=8, seed=3, world_size=world, decode_device="cpu", **kw)  # noqa: E731
+    two = loader(2)
+    two.seek(1, 2)  # both ranks trained 2 batches of epoch 1: 32 images
+    one = loader(1)
+    one.load_state_dict(two.state_dict())
+    assert (one.epoch, one.batch) == (1, 4)
+    trained = {int(i) for rank in (0, 1) for i in order.train_order(96, seed=3, epoch=1, rank=rank, world_size=2, batch_size=8)[:16]}
+    rest = order.train_order(96, seed=3, epoch=1, rank=0, world_size=1, batch_size=8)[32:]
+    assert trained.isdisjoint(rest.tolist()) and len(trained) + len(rest) == 96  # each image once in the epoch
+    # 56 images on 1 process: 2 processes accumulating 2 batches per update go on after 32 of them
+    # (3 batches of 16 would end mid-update; an image may be seen again, none is skipped).
+    one.seek(1, 7)
+    again = loader(2, rank=1, batch_multiple=2)
+    again.load_state_dict(one.state_dict())
+    assert (again.epoch, again.batch) == (1, 2)
+    assert loader(1).state_dict()["batch_size"] == 8  # what a later resume converts from
+
+
+def test_digits_are_written_once_as_a_jpeg_image_folder(tmp_path):
+    folder = digits_folder(tmp_path)
+    files = sorted(folder.rglob("*.jpg"))
+    assert len(files) == 1797 and sorted(p.name for p in folder.iterdir()) == [str(d) for d in range(10)]
+    stamp = files[0].stat().st_mtime_ns
+    assert digits_folder(tmp_path) == folder and files[0].stat().st_mtime_ns == stamp  # cached
+    train, val = image_folder_splits(folder, val_fraction=0.2, seed=0)
+    assert (len(train), len(val)) == (1438, 359)
+    assert all(135 <= n <= 150 for n in train.class_counts().values())  # 80% of ~180 per class

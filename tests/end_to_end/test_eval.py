@@ -1,4 +1,4 @@
-"""Evaluation: eval.json at a phase's end, `python -m trainer eval` on a run, a bundle and 2 processes,
+"""Evaluation of real runs: eval.json at a phase's end, `python -m trainer eval` on a run, a bundle and 2 processes,
 and the confusion matrix and sample predictions in the W&B offline files."""
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ import pytest
 import wandb_files
 from conftest import FAST, REPO, run_recipe, two_cpu_launcher
 from PIL import Image
-from sklearn.metrics import precision_recall_fscore_support
 
 from trainer.__main__ import main
-from trainer.checkpoint import read_state
 from trainer.export import export
-from trainer.metrics import confusion_scores, most_confused
+from trainer.run_folder import read_state
 
 # One epoch: the weights at the phase's end are those of its only (so best) checkpoint, so eval.json
 # and the eval command score the same weights. LR and EMA chosen so the EMA's confusion is not trivial.
@@ -87,24 +85,6 @@ def test_phase_end_writes_eval_json_with_model_and_ema(trained):
     assert record["model"]["loss"] == pytest.approx(last["val_loss"])
     assert record["ema"]["top1"] == pytest.approx(last["ema_val_top1"])
     assert not list((run_dir / "main").glob("*.tmp"))
-
-
-def test_precision_recall_f1_match_sklearn():
-    # Class "c" is never predicted and class "d" never occurs: both 0/0 cases, defined as 0.
-    confusion = np.array([[5, 2, 0, 1], [1, 3, 0, 0], [2, 0, 0, 2], [0, 0, 0, 0]])
-    classes = ["a", "b", "c", "d"]
-    y_true = np.repeat(np.repeat(np.arange(4), 4), confusion.ravel())
-    y_pred = np.repeat(np.tile(np.arange(4), 4), confusion.ravel())
-    report = confusion_scores(confusion, classes)
-    for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=range(4), average=average, zero_division=0)
-        assert (report[f"precision_{average}"], report[f"recall_{average}"], report[f"f1_{average}"]) == pytest.approx((p, r, f))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(4), zero_division=0)
-    for i, name in enumerate(classes):
-        got = report["per_class"][name]
-        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
-    assert report["per_class"]["c"]["accuracy"] == 0.0 and report["per_class"]["d"]["precision"] == 0.0
-    assert most_confused(confusion, classes, count=2) == [("a", "b", 2), ("c", "a", 2)]
 
 
 def test_eval_command_reproduces_the_phase_end_numbers(trained):

@@ -27,7 +27,8 @@ import torch
 from conftest import REPO, history_without_timings
 from safetensors.torch import load_file
 
-from trainer.checkpoint import EMA_FILE, TMP_PREFIX, complete_checkpoints, newest_checkpoint, read_state
+from trainer.atomic import TMP_PREFIX
+from trainer.run_folder import PARTS_FILE, complete_checkpoints, newest_checkpoint, read_state
 
 RECIPE = '''
 from trainer import Data, Logging, Model, Phase, Recipe, run
@@ -57,7 +58,7 @@ TOTAL_STEPS = STEPS_PER_PHASE * len(PHASES)
 CHAINS = 4  # of 6 planned kills each
 RUN_TIMEOUT_S = 180
 # What one process writes into a checkpoint (accelerate's files, then ours).
-CHECKPOINT_FILES = {"model.safetensors", "optimizer.bin", "random_states_0.pkl", EMA_FILE, "trainer_state.json"}
+CHECKPOINT_FILES = {"model.safetensors", "optimizer.bin", "random_states_0.pkl", PARTS_FILE, "trainer_state.json"}
 
 
 class Launch:
@@ -240,7 +241,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def final_weights(run_dir: Path) -> tuple[dict, dict]:
     last = max(complete_checkpoints(run_dir / PHASES[-1] / "checkpoints"), key=lambda p: read_state(p)["total_step"])
-    ema = torch.load(last / EMA_FILE, weights_only=False)["ema"]
+    ema = torch.load(last / PARTS_FILE, weights_only=False)["ema"]
     return load_file(last / "model.safetensors"), ema
 
 

@@ -22,10 +22,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from trainer.__main__ import main
-from trainer.checkpoint import EMA_FILE, phase_checkpoint, read_state
 from trainer.export import BundleError, export
 from trainer.inference import gradcam, load_bundle, predict
-from trainer.tracking import HISTORY, read_jsonl
+from trainer.run_folder import HISTORY, PARTS_FILE, phase_checkpoint, read_jsonl, read_state
 
 TRAIN = [*FAST, "phases.0.epochs=2", "phases.0.warmup_epochs=0", "logging.wandb=false"]  # quickstart: EMA on
 
@@ -83,7 +82,7 @@ def test_safetensors_round_trip_equals_the_checkpoint_weights(exported, tmp_path
     config = json.loads((bundle / "config.json").read_text())
     ckpt = phase_checkpoint(run_dir / "main")
     weights = load_file(str(bundle / "model.safetensors"))
-    ema = {k.removeprefix("module."): v for k, v in torch.load(ckpt / EMA_FILE, map_location="cpu", weights_only=False)["ema"].items()}
+    ema = {k.removeprefix("module."): v for k, v in torch.load(ckpt / PARTS_FILE, map_location="cpu", weights_only=False)["ema"].items()}
     expected = ema if config["metrics"]["source"] == "ema" else load_file(str(ckpt / "model.safetensors"))
     assert weights.keys() == expected.keys() == timm.create_model("resnet10t", num_classes=3).state_dict().keys()
     assert all(torch.equal(weights[k], expected[k]) for k in weights)

@@ -8,12 +8,10 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from conftest import FAST, REPO
 
 from trainer.__main__ import load_recipe
-from trainer.lr_find import lr_at, steepest_descent
 from trainer.recipe import apply_overrides
 
 RECIPE_FILE = REPO / "recipes" / "quickstart.py"
@@ -59,22 +57,6 @@ def ok_run(runs):
     returncode, stdout, stderr, cwd = runs[0]["ok"]
     assert returncode == 0, stderr[-3000:]
     return stdout, cwd, json.loads((cwd / "lr_find.json").read_text())
-
-
-def test_lr_schedule_is_exponential_from_start_to_end():
-    lrs = [lr_at(i, 5, 1e-4, 1.0) for i in range(5)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1.0)
-    assert np.allclose(np.diff(np.log10(lrs)), 1.0)  # one decade per step
-
-
-def test_suggestion_is_the_steepest_fall_of_the_smoothed_loss():
-    lrs = np.logspace(-6, 0, 60)
-    smoothed = 2.0 - np.tanh(3 * (np.log10(lrs) + 3))  # falls fastest at 1e-3
-    smoothed[-5:] += np.linspace(1, 10, 5)  # the blow-up at the end must not matter
-    smoothed[0] = 5.0  # a noisy first point (skipped, as fastai does)
-    index = steepest_descent(list(lrs), list(smoothed))
-    assert lrs[index] == pytest.approx(1e-3, rel=0.3)
-    assert steepest_descent([1e-3], [1.0]) is None
 
 
 def test_writes_only_the_plot_and_its_series(runs, ok_run):

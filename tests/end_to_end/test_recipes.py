@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import timm
 from conftest import run_recipe, two_cpu_launcher
-from safetensors.torch import save_file
 
 SMALL = ["model.arch=resnet10t", "logging.progress_bar=false", "logging.log_every_steps=1", "data.loader_threads=1"]
 
@@ -16,14 +13,6 @@ def _phase_sets(index: int, epochs: int, batch: int, res: int = 32) -> list[str]
     p = f"phases.{index}"
     return [f"{p}.epochs={epochs}", f"{p}.warmup_epochs=0", f"{p}.batch_size_per_device={batch}",
             f"{p}.res_px={res}", f"{p}.eval_res_px={res}", f"{p}.checkpoint_every_steps=0"]
-
-
-@pytest.fixture(scope="module")
-def pretrained_weights(tmp_path_factory):
-    """A stand-in for downloaded ImageNet weights: a resnet10t state dict with a 1000-class head."""
-    path = tmp_path_factory.mktemp("weights") / "resnet10t.safetensors"
-    save_file(timm.create_model("resnet10t", num_classes=1000).state_dict(), str(path))
-    return path
 
 
 def _history(run_dir):
@@ -55,13 +44,13 @@ def test_imagenet_full_three_phases_in_two_processes(tmp_path, tiny_imagenet, ru
     assert "init: weights of" in done.stdout or "init: EMA weights of" in done.stdout
 
 
-def test_folder_transfer_two_phases(tmp_path, tiny_imagenet, run_env, pretrained_weights):
-    sets = SMALL + [f"model.pretrained_file={pretrained_weights}"]
+def test_folder_transfer_two_phases(tmp_path, tiny_imagenet, run_env, pretrained):
+    sets = SMALL + [f"model.pretrained_file={pretrained}"]
     sets += _phase_sets(0, 1, 8) + _phase_sets(1, 3, 8) + ["phases.1.unfreeze_at=1", "phases.1.ema_decay=0.9"]
     run_dir = tmp_path / "transfer"
     done = run_recipe("folder_transfer.py", "--data", str(tiny_imagenet / "train"), "--run-dir", str(run_dir), env=run_env, sets=sets)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert f"pretrained resnet10t from {pretrained_weights}" in done.stdout
+    assert f"pretrained resnet10t from {pretrained}" in done.stdout
     assert "new head" in done.stdout
     assert "[finetune 2/3] unfroze a stage" in done.stdout  # unfreeze_at=1: the second epoch
     assert [h["phase"] for h in _history(run_dir)] == ["head", "finetune", "finetune", "finetune"]

@@ -1,0 +1,163 @@
+"""Screening: the kinds of bad image file and what a run does with each, and the check of a source
+before training (every file's header, no decode) that drops the files the decoder would fail on.
+
+The result is a pure function of the files' bytes, so every process and every resume keep the same
+files. What only a decode finds is handled later, in the loaders (`loaders.recovery`); the full scan
+behind `python -m trainer check-data` is `loaders.scan`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from loaders.headers import HUGE_PIXELS, TINY_SIDE_PX, BadFile, Header, file_headers, read_header
+from loaders.sources import DataError, ImageFolderSource
+
+BAD_FILE_POLICIES = ("skip", "stop")  # data.bad_files
+
+SKIP, CONVERT, KEEP, STOP = "skipped", "converted to RGB", "trained on as is", "stops the run"
+REPLACE = "replaced when met"  # only a decode finds it: the loader swaps in a stand-in and logs the path
+
+
+@dataclass(frozen=True)
+class Kind:
+    meaning: str
+    action: str  # what a training run does with such a file or folder
+
+
+KINDS: dict[str, Kind] = {
+    "unreadable": Kind("cannot be opened or read (permissions, I/O error)", SKIP),
+    "zero-byte": Kind("empty file", SKIP),
+    "not-an-image": Kind("no JPEG, PNG, BMP or WebP signature (text, HTML, ...)", SKIP),
+    "unsupported": Kind("an image DALI cannot decode: GIF, TIFF, 12-bit or lossless JPEG, ...", SKIP),
+    "truncated": Kind("the file ends before its image data do", SKIP),
+    "corrupt": Kind("a broken header: no frame header or quantisation tables, a zero size, broken chunks", SKIP),
+    "undecodable": Kind("a sound header over image data the decoder rejects (bit rot: a PNG CRC error, ...)", REPLACE),
+    "cmyk": Kind("CMYK (or YCCK) JPEG", CONVERT),
+    "greyscale": Kind("one channel (with or without alpha)", CONVERT),
+    "16-bit": Kind("16 bits per channel", CONVERT),
+    "palette": Kind("palette (indexed) colours", CONVERT),
+    "alpha": Kind("RGB with an alpha channel (dropped)", CONVERT),
+    "huge": Kind(f"more than {HUGE_PIXELS // 1_000_000} megapixels", KEEP),
+    "tiny": Kind(f"shorter side under {TINY_SIDE_PX} px", KEEP),
+    "duplicate": Kind("the same bytes in train and val (val scores leak)", KEEP),
+    "empty-class": Kind("a class folder without image files", STOP),
+    "val-only-class": Kind("a class folder in val that train does not have", STOP),
+    "no-usable-images": Kind("a training class whose every image is bad", STOP),
+    "no-data": Kind("the folder is missing or holds no class folders", STOP),
+}
+# A run drops a file only for these; conversions and the rest never cost a sample.
+BAD_KINDS = tuple(k for k, v in KINDS.items() if v.action == SKIP)
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str  # a key of KINDS
+    path: str  # the file, the folder, or "hf row N"
+    detail: str = ""
+    split: str = ""  # "train" or "val" (empty when it concerns the whole dataset)
+
+    @property
+    def action(self) -> str:
+        return KINDS[self.kind].action
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "split": self.split, "path": self.path, "detail": self.detail, "action": self.action}
+
+
+def header_findings(header: Header, path: str, split: str = "") -> list[Finding]:
+    """What check-data reports about a good file: its conversion, and a huge or tiny size."""
+    found = []
+    if header.mode:
+        found.append(Finding(header.mode, path, f"{header.format.upper()}, {header.width}x{header.height}", split))
+    if header.huge:
+        found.append(Finding("huge", path, f"{header.width}x{header.height} ({header.height * header.width / 1e6:.1f} MP)", split))
+    if header.tiny:
+        found.append(Finding("tiny", path, f"{header.width}x{header.height}", split))
+    return found
+
+
+def source_headers(source) -> list[Header | BadFile]:
+    """The structural check of every sample of a source: files read head and tail only; HF rows read whole."""
+    if isinstance(source, ImageFolderSource):
+        return file_headers(list(source.files))
+    headers: list[Header | BadFile] = []
+    for index in range(len(source)):
+        try:
+            headers.append(read_header(source.read(index)))
+        except BadFile as bad:
+            headers.append(bad)
+        except DataError as err:  # a row without bytes
+            headers.append(BadFile("zero-byte", str(err)))
+    return headers
+
+
+def screen(source, split: str):
+    """The source without the files the decoder would fail on, carrying every finding in `findings`
+    (the dropped files, and the converted, huge and tiny ones that stay)."""
+    findings, keep = [], []
+    for index, header in enumerate(source_headers(source)):
+        if isinstance(header, BadFile):
+            findings.append(Finding(header.kind, source.name(index), header.detail, split))
+        else:
+            keep.append(index)
+            if header.notable:  # named only then: an HF row's name costs a read
+                findings.extend(header_findings(header, source.name(index), split))
+    kept = source.subset(np.asarray(keep, dtype=np.int64)) if len(keep) < len(source) else source
+    return replace(kept, findings=tuple(findings))
+
+
+def screen_splits(train, val, policy: str):
+    """Both splits screened as `data.bad_files` says: "skip" drops bad files (a pure function of the
+    files' bytes, so every process and every resume drops the same ones); "stop" raises DataError
+    listing them. Either way a training class left without images is an error."""
+    if policy not in BAD_FILE_POLICIES:
+        raise DataError(f"data.bad_files must be one of {BAD_FILE_POLICIES}, got {policy!r}")
+    train, val = screen(train, "train"), screen(val, "val")
+    bad = [f for f in train.findings + val.findings if f.kind in BAD_KINDS]
+    if bad and policy == "stop":
+        listed = "\n".join(f"  {f.split}: {f.path}  ({f.kind}: {f.detail})" for f in bad[:50])
+        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+        raise DataError(
+            f"{len(bad)} bad image file(s) and data.bad_files='stop':\n{listed}{more}\n"
+            "fix or remove them, or set data.bad_files=skip to train without them "
+            "(python -m trainer check-data PATH lists every problem)"
+        )
+    counts = np.bincount(train.labels, minlength=len(train.classes))
+    empty = [name for name, count in zip(train.classes, counts) if count == 0]
+    if empty:
+        raise DataError(f"training classes with no usable image after skipping {len(bad)} bad file(s): {empty[:10]}")
+    return train, val
+
+
+def screening_record(train, val, policy: str) -> dict:
+    """What the pre-training check found, as written to <run>/bad_files.json."""
+    findings = train.findings + val.findings
+    return {
+        "policy": policy,
+        "skipped": [f.to_dict() for f in findings if f.action == SKIP],
+        "converted": dict(Counter(f.kind for f in findings if f.action == CONVERT)),
+        "kept": dict(Counter(f.kind for f in findings if f.action == KEEP)),
+    }
+
+
+def screening_lines(record: dict, where: str, shown: int = 5) -> list[str]:
+    """The lines a run prints about its screening; nothing when the data are clean."""
+    lines = []
+    skipped = record["skipped"]
+    if skipped:
+        kinds = ", ".join(f"{k} {n}" for k, n in Counter(f["kind"] for f in skipped).items())
+        lines.append(f"bad files: skipped {len(skipped)} ({kinds}); the list is in {where}")
+        lines += [f"  skipped {f['split']}: {f['path']} ({f['kind']}: {f['detail']})" for f in skipped[:shown]]
+        if len(skipped) > shown:
+            lines.append(f"  ... and {len(skipped) - shown} more")
+    if record["converted"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in record["converted"].items())
+        lines.append(f"converted to RGB by the decoder: {sum(record['converted'].values())} files ({kinds})")
+    if record["kept"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in record["kept"].items())
+        lines.append(f"trained on as they are: {kinds} (python -m trainer check-data lists them)")
+    return lines

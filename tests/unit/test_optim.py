@@ -1,0 +1,116 @@
+"""The optimizer, the schedules and the precision of a phase, and the LR range test's own schedule: no weight decay on norms and biases, the LR as a pure function of the update count, timm's schedules and the plateau schedule, LR multipliers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from trainer.loop import early_stop_score, resolve_precision
+from trainer.lr_find import lr_at, steepest_descent
+from trainer.optim import build_optimizer
+from trainer.recipe import Phase
+
+
+def test_auto_precision_is_fp32_on_cpu():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = timm.create_model("resnet10t", num_classes=3)
+    optimizer, _ = build_optimizer(model, Phase(weight_decay=0.05), lr=0.1, updates_per_epoch=10)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        expected = 0.0 if param.ndim <= 1 else 0.05  # biases and BatchNorm weights are 1-D
+        assert decay_of[id(param)] == expected, name
+
+
+def test_lr_is_a_pure_function_of_the_update_count():
+    phase = Phase(epochs=4, warmup_epochs=1, min_lr_ratio=0.01)
+    model = timm.create_model("resnet10t", num_classes=3)
+    optimizer, scheduler = build_optimizer(model, phase, lr=0.4, updates_per_epoch=10)
+    walked = []
+    for step in range(41):
+        scheduler.step_update(step)
+        walked.append(optimizer.param_groups[0]["lr"])
+    assert walked[0] == pytest.approx(0.004) and walked[10] == pytest.approx(0.4)  # warmup to the peak
+    assert walked[40] == pytest.approx(0.004, rel=1e-3) and walked[25] < walked[15]  # cosine to min
+    fresh_opt, fresh = build_optimizer(model, phase, lr=0.4, updates_per_epoch=10)
+    fresh.step_update(27)  # what resume does: jump straight to the update count
+    assert fresh_opt.param_groups[0]["lr"] == walked[27]
+
+
+def _lrs(phase: Phase, updates_per_epoch: int = 10) -> list[float]:
+    model = timm.create_model("resnet10t", num_classes=3)
+    optimizer, scheduler = build_optimizer(model, phase, lr=1.0, updates_per_epoch=updates_per_epoch)
+    out = []
+    for step in range(phase.epochs * updates_per_epoch + 1):
+        scheduler.step_update(step)
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_step_and_onecycle_schedules():
+    step = _lrs(Phase(epochs=6, schedule="step", decay_epochs=2, decay_rate=0.1))
+    assert step[0] == pytest.approx(1.0) and step[25] == pytest.approx(0.1) and step[45] == pytest.approx(0.01)
+    one = _lrs(Phase(epochs=10, schedule="onecycle"))
+    assert one[0] == pytest.approx(1 / 25) and max(one) == pytest.approx(1.0)
+    assert one.index(max(one)) == 30 and one[-1] == pytest.approx(1 / 25e4, rel=1e-2)
+
+
+def test_plateau_schedule_cuts_lr_after_patience_and_resumes():
+    model = timm.create_model("resnet10t", num_classes=3)
+    phase = Phase(epochs=10, schedule="plateau", plateau_patience_epochs=1, decay_rate=0.5, warmup_epochs=1)
+    optimizer, scheduler = build_optimizer(model, phase, lr=1.0, updates_per_epoch=5)
+    scheduler.step_update(0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # warmup start
+    lrs = []
+    for epoch, top1 in enumerate([0.1, 0.2, 0.2, 0.2, 0.2, 0.2]):
+        scheduler.epoch_end(top1)
+        scheduler.step_update(5 * (epoch + 1))
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if epoch == 2:
+            saved = scheduler.state_dict()
+    assert lrs == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5, 0.25])
+    _, again = build_optimizer(model, phase, lr=1.0, updates_per_epoch=5)
+    again.load_state_dict(saved)  # resume after epoch 2: the patience counter comes back too
+    again.epoch_end(0.2)
+    again.step_update(20)
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_backbone_lr_multiplier_and_layer_decay_scale_groups():
+    model = timm.create_model("resnet10t", num_classes=3)
+    optimizer, scheduler = build_optimizer(model, Phase(backbone_lr_mult=0.1), lr=1.0, updates_per_epoch=5)
+    scheduler.step_update(0)
+    head = {id(p) for p in model.fc.parameters()}
+    for group in optimizer.param_groups:
+        in_head = {id(p) for p in group["params"]} <= head
+        assert group["lr"] == pytest.approx(1.0 if in_head else 0.1)
+    optimizer, scheduler = build_optimizer(model, Phase(layer_decay=0.5), lr=1.0, updates_per_epoch=5)
+    scheduler.step_update(0)
+    assert min(g["lr"] for g in optimizer.param_groups) < 0.1 < max(g["lr"] for g in optimizer.param_groups)
+
+
+def test_early_stop_scores_are_higher_is_better():
+    val, ema = {"top1": 0.5, "loss": 2.0}, {"top1": 0.6}
+    assert early_stop_score("best_top1", val, ema) == 0.6
+    assert early_stop_score("val_loss", val, None) == -2.0
+
+
+def test_lr_schedule_is_exponential_from_start_to_end():
+    lrs = [lr_at(i, 5, 1e-4, 1.0) for i in range(5)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1.0)
+    assert np.allclose(np.diff(np.log10(lrs)), 1.0)  # one decade per step
+
+
+def test_suggestion_is_the_steepest_fall_of_the_smoothed_loss():
+    lrs = np.logspace(-6, 0, 60)
+    smoothed = 2.0 - np.tanh(3 * (np.log10(lrs) + 3))  # falls fastest at 1e-3
+    smoothed[-5:] += np.linspace(1, 10, 5)  # the blow-up at the end must not matter
+    smoothed[0] = 5.0  # a noisy first point (skipped, as fastai does)
+    index = steepest_descent(list(lrs), list(smoothed))
+    assert lrs[index] == pytest.approx(1e-3, rel=0.3)
+    assert steepest_descent([1e-3], [1.0]) is None
