@@ -301,7 +301,9 @@ def main() -> None:
     print(table(rates, labels))
     print(f"ours / raw DALI, per round: {paired_ratios(rates, 'ours', 'raw')}")
     print(f"ours / torchvision, per round: {paired_ratios(rates, 'ours', 'torchvision')}")
-    print(f"ours / raw DALI: {statistics.median(np.divide(rates['ours'], rates['raw'])):.2f}")
+    for name, base in (("ours / raw DALI", "raw"), ("ours / torchvision", "torchvision")):
+        ratios = np.divide(rates["ours"], rates[base])
+        print(f"{name}: median {statistics.median(ratios):.2f}, rounds {min(ratios):.2f}-{max(ratios):.2f}")
     print(f"loader_vs_torchvision: {statistics.median(np.divide(rates['ours'], rates['torchvision'])):.2f}")
 
 

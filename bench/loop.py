@@ -11,13 +11,16 @@ Both train timm's resnet18 (10 classes) from the same initial weights on the sam
 64 px images already in memory, in the same process (so the same torch thread count), fp32 on the CPU:
 about 150 ms a step on a 2-core machine, so per-step costs of the loop show up at the percent level.
 
-How: the two loops take turns step by step. The in-memory loader runs one raw step on a batch, then
-yields that batch to ours; ours' step is the time from that yield until the loop asks for the next
-batch, so the eval and checkpoint at an epoch's end are not timed. Alternating every ~150 ms, the two
+How: the two loops take turns step by step, on the same batch, and which goes first alternates. The
+in-memory loader runs one raw step on a batch and then yields that batch to ours, or yields it first and
+runs the raw step when ours asks for the next batch; ours' step is the time from the yield until the
+loop asks for the next batch, so the eval and checkpoint at an epoch's end are not timed. The script
+prints the ratio for each order apart: an order effect (one loop leaving warm caches or a grown
+allocator to the other) shows there as a difference between the two. Alternating every ~150 ms, the two
 see the same load from other processes on this shared machine, which runs of whole loops one after the
 other do not (their ratio swung by +-5 % here). `train_phase` runs ROUNDS epochs; in each, the first
 WARMUP_STEPS steps are untimed and the next TIMED_STEPS are timed. Each timed step gives a pair (raw
-step, ours' step on the same batch right after it); the figure is the median over all pairs of ours /
+step, ours' step on the same batch, one right after the other); the figure is the median over all pairs of ours /
 raw, which a burst of other work hitting a few steps of one loop does not move. A median leaves out
 work ours does only every 50 steps (a log line, ~0.1 ms): next to 50 steps of ~140 ms, nothing.
 
@@ -104,27 +107,42 @@ class InterleavedLoader:
         # Per epoch, seconds of each timed step: raw's and then ours' on the same batch.
         self.ours_seconds: list[list[float]] = []
         self.raw_seconds: list[list[float]] = []
+        self.raw_first: list[list[bool]] = []  # per timed step: whether the raw loop stepped first
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
         if epoch != self.epoch:
             self.epoch, self.batch = epoch, 0
         ours_steps: list[float] = []
         raw_steps: list[float] = []
+        raw_first: list[bool] = []
         while self.batch < self.batches_per_epoch:
             images, labels = self.batches[self.batch % len(self.batches)]
             timed = self.batch >= self.warmup_steps
-            started = time.perf_counter()
-            self.raw.step(images, labels)
-            yielded = time.perf_counter()
+            # Which loop steps first alternates: whatever one leaves behind for the next (warm caches, a
+            # grown allocator) is then paid by each loop half the time, and the two orders can be compared.
+            first = self.batch % 2 == 0
             # Advance before yielding, as TrainLoader does (a checkpoint inside the step points past it).
             self.batch += 1
+            if first:
+                raw_s = self._raw_step(images, labels)
+            yielded = time.perf_counter()
             yield images, labels
+            ours_s = time.perf_counter() - yielded
+            if not first:
+                raw_s = self._raw_step(images, labels)
             if timed:
-                ours_steps.append(time.perf_counter() - yielded)
-                raw_steps.append(yielded - started)
+                ours_steps.append(ours_s)
+                raw_steps.append(raw_s)
+                raw_first.append(first)
         self.ours_seconds.append(ours_steps)
         self.raw_seconds.append(raw_steps)
+        self.raw_first.append(raw_first)
         self.epoch, self.batch = epoch + 1, 0
+
+    def _raw_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        started = time.perf_counter()
+        self.raw.step(images, labels)
+        return time.perf_counter() - started
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch}
@@ -234,6 +252,9 @@ def main() -> None:
         print(f"{label:<32} {1000 * np.median(np.concatenate(rounds)):>14.1f}   " + " ".join(f"{v:.1f}" for v in per_round))
     ratios = [np.divide(ours, raw) for ours, raw in zip(loader.ours_seconds, loader.raw_seconds)]
     print("ours / raw, median per round: " + " ".join(f"{np.median(r):.3f}" for r in ratios))
+    first = np.concatenate(loader.raw_first).astype(bool)
+    every = np.concatenate(ratios)
+    print(f"ours / raw by order: raw loop first {np.median(every[first]):.3f}, ours first {np.median(every[~first]):.3f}")
     print(f"loop_overhead: {np.median(np.concatenate(ratios)):.3f}")
 
 

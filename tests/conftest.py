@@ -185,10 +185,10 @@ def final_checkpoint(run_dir: Path, phase: str = "main"):
     return load_file(last / "model.safetensors"), parts.get("ema"), read_state(last)
 
 
-def assert_same_weights(run_a: Path, run_b: Path) -> None:
+def assert_same_weights(run_a: Path, run_b: Path, phase: str = "main") -> None:
     import torch
 
-    (wa, ea, sa), (wb, eb, sb) = final_checkpoint(run_a), final_checkpoint(run_b)
+    (wa, ea, sa), (wb, eb, sb) = final_checkpoint(run_a, phase), final_checkpoint(run_b, phase)
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from accelerate.utils import gather_object
+from safetensors import SafetensorError
 
 from trainer import atomic
-from trainer.run_folder import STATE_FILE, checkpoint_name, complete_checkpoints, read_state
+from trainer.run_folder import STATE_FILE, checkpoint_name, complete_checkpoints, newest_checkpoint, read_state
+
+DISK_FULL_BYTES = 1 << 20  # less free than this after a failed write: the disk filled up
 
 
 @dataclass
@@ -105,6 +108,19 @@ def _first_failure(accelerator, failure: str) -> str:
     return next((f for f in gather_object([failure]) if f), "")
 
 
+def _write_error(err: Exception, folder: Path) -> str:
+    """A failed write as a person reads it. torch's zip writer ("unexpected pos 576 vs 534") and
+    safetensors ("os error 28") report a full disk without an errno: it is named when the disk is full."""
+    said = " ".join(str(err).split())[:300]
+    try:
+        full = shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        full = False
+    if "No space left on device" in said or not (full or "os error 28" in said):
+        return said
+    return f"No space left on device ({said})"
+
+
 def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_top1: float | None, keep_best_k: int) -> Path:
     """Write a complete checkpoint or none: every process writes its part into a temporary folder,
     then the main process adds trainer_state.json and renames the folder into place. Older
@@ -132,8 +148,8 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_t
             accelerator.save_state(str(tmp))
     except OSError as err:
         failure = f"{err.strerror or err} ({err.filename or tmp})"
-    except RuntimeError as err:  # torch.save's zip writer reports a full disk this way
-        failure = f"{err} (writing {tmp})"
+    except (RuntimeError, SafetensorError) as err:  # torch.save's zip writer and safetensors: no errno
+        failure = f"{_write_error(err, checkpoints_dir)} (writing {tmp})"
     failure = _first_failure(accelerator, failure)
     if accelerator.is_main_process and not failure:
         try:
@@ -147,10 +163,10 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_t
     if failure:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; never picked up anyway
-        previous = max(complete_checkpoints(checkpoints_dir), key=lambda p: read_state(p)["total_step"], default=None)
+        previous = newest_checkpoint(checkpoints_dir.parent.parent)  # the one --resume auto picks, of any phase
         raise StorageError(
             f"cannot write checkpoint {final}: {failure}; {free_space(checkpoints_dir)}. "
-            + (f"The previous checkpoint {previous} is intact: " if previous else "No earlier checkpoint of this phase exists: ")
+            + (f"The previous checkpoint {previous} is intact: " if previous else "No earlier checkpoint of this run exists: ")
             + "free some space (or make the folder writable) and continue with --resume auto"
         )
     if accelerator.is_main_process:

@@ -14,7 +14,7 @@ from loaders.screening import screen_splits, screening_lines, screening_record
 from loaders.sources import ImageFolderSource, image_folder_splits, stratified_split
 from trainer.atomic import write_text_atomic
 from trainer.recipe import Recipe, RecipeError
-from trainer.run_folder import BAD_FILES, SUBSET_FILE
+from trainer.run_folder import BAD_FILES, SUBSET_FILE, read_json
 
 
 @dataclass
@@ -64,7 +64,7 @@ def phase_splits(splits: Splits, recipe: Recipe, index: int, run_path: Path, acc
         record = {"fraction": phase.subset, "indices": chosen.tolist(), "class_counts": chosen_src.class_counts()}
         write_text_atomic(cache, json.dumps(record))
     accelerator.wait_for_everyone()
-    record = json.loads(cache.read_text())
+    record = read_json(cache)
     subset = splits.train.subset(record["indices"])
     counts = record["class_counts"]
     accelerator.print(

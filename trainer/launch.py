@@ -28,7 +28,7 @@ from trainer.loop import Diverged, train_phase
 from trainer.model import check_initial_weights, check_names, create_model, initialize
 from trainer.preemption import Preempted, StopSignals
 from trainer.recipe import Recipe, RecipeError, resolve_recipe
-from trainer.run_folder import RESOLVED_RECIPE, RUN_INFO, STATE_FILE, newest_checkpoint, read_state
+from trainer.run_folder import RESOLVED_RECIPE, RUN_INFO, STATE_FILE, newest_checkpoint, read_json, read_state
 from trainer.tracking import RunLog, start_trackers, throughput_summary
 from trainer.transfer import ensure_head
 
@@ -233,7 +233,7 @@ class RunInfo:
 
     def __init__(self, run_path: Path, accelerator, recipe: Recipe, splits: Splits) -> None:
         self.path, self.accelerator = run_path / RUN_INFO, accelerator
-        record = json.loads(self.path.read_text()) if self.path.exists() else {}
+        record = read_json(self.path) if self.path.exists() else {}
         record.update(
             recipe=recipe.name,
             run_name=run_path.name,

@@ -375,7 +375,8 @@ class PhaseRun:
             self.checkpoint(None)
         if stop_signal and mid_epoch:
             self.bar.close()
-            raise Preempted(stop_signal, self.checkpoints_dir / checkpoint_name(state.total_step) if saved_now else self.checkpoint(None))
+            saved = self.checkpoints_dir / checkpoint_name(state.total_step) if saved_now else self.checkpoint(None)
+            raise Preempted(stop_signal, saved, state.total_step)
 
     def end_epoch(self, epoch: int) -> tuple[dict, dict | None]:
         """Evaluate model and EMA, record the epoch, decide early stopping, checkpoint; returns the
@@ -440,7 +441,7 @@ class PhaseRun:
         # checkpoint will do. Every process asks, so the all-reduce inside is matched on all of them.
         stop_signal = self.signals.should_stop(accelerator)
         if stop_signal:
-            raise Preempted(stop_signal, saved)
+            raise Preempted(stop_signal, saved, state.total_step)
         return val, ema_val
 
     def checkpoint(self, val_top1: float | None) -> Path:

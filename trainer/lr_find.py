@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,33 @@ def lr_at(step: int, steps: int, start_lr: float, end_lr: float) -> float:
     return start_lr * (end_lr / start_lr) ** (step / max(steps - 1, 1))
 
 
+def range_test(train_step: Callable[[float], float], *, steps: int, start_lr: float, end_lr: float,
+               progress: Callable[[int], object] | None = None) -> tuple[list[float], list[float], list[float], str]:
+    """Leslie Smith's range test around `train_step(lr)`, which makes one update at `lr` and returns its
+    loss: the LR rises exponentially from `start_lr` to `end_lr` over `steps` updates, and the test stops
+    at a loss that is not finite or once the smoothed loss is DIVERGENCE_FACTOR times its best.
+    Returns (lrs, losses, smoothed losses, stop reason)."""
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    average, best = 0.0, math.inf
+    for update in range(steps):
+        lr = lr_at(update, steps, start_lr, end_lr)
+        loss = train_step(lr)
+        if progress is not None:
+            progress(1)
+        if not math.isfinite(loss):
+            return lrs, losses, smoothed, "loss not finite"
+        average = SMOOTHING_BETA * average + (1 - SMOOTHING_BETA) * loss
+        smoothed.append(average / (1 - SMOOTHING_BETA ** (update + 1)))  # bias correction: no ramp from 0
+        lrs.append(lr)
+        losses.append(loss)
+        best = min(best, smoothed[-1])
+        if smoothed[-1] > DIVERGENCE_FACTOR * best:
+            return lrs, losses, smoothed, "diverged"
+    return lrs, losses, smoothed, "end_lr reached"
+
+
 def steepest_descent(lrs: list[float], smoothed: list[float]) -> int | None:
     """Index of the most negative slope of the smoothed loss against log10(lr); None below two points.
 
@@ -122,24 +151,19 @@ def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: flo
     global_batch = phase.batch_size_per_device * accelerator.num_processes * accum
     loader, model, optimizer = parts.loader, parts.model, parts.optimizer
 
-    result = LRFindResult(
-        recipe=recipe.name, phase_index=phase_index, phase_name=phase.name, global_batch=global_batch,
-        precision=parts.precision, start_lr=start_lr, end_lr=end_lr, steps=steps, stop_reason="end_lr reached",
-        weights=weights,
-    )
-    average, best = 0.0, math.inf
-    bar = tqdm(total=steps, desc=f"lr-find {phase.name}", unit="step", disable=not recipe.logging.progress_bar, mininterval=1.0)
     model.train()
     if phase.freeze_bn_stats:
         freeze_batchnorm_stats(parts.raw_model)
-    update, micro_losses, epoch = 0, [], 0
-    while update < steps:
-        # An epoch shorter than the test: carry on into the next one, as training would.
-        for images, labels in loader.epoch_batches(epoch):
-            if not micro_losses:  # first micro-batch of an update: its LR
-                lr = lr_at(update, steps, start_lr, end_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)  # timm's layer-decay scale, if any
+    # An epoch shorter than the test: carry on into the next one, as training would.
+    batches = (batch for epoch in itertools.count() for batch in loader.epoch_batches(epoch))
+
+    def train_step(lr: float) -> float:
+        """One update at `lr` (over `accum` micro-batches, clipped as the phase clips): its mean loss."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # timm's layer-decay scale, if any
+        losses = []
+        for _ in range(accum):
+            images, labels = next(batches)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if parts.mixup is not None:
@@ -149,37 +173,22 @@ def lr_find(recipe: Recipe, phase_index: int, *, steps: int = 100, start_lr: flo
             with parts.autocast:
                 loss = parts.criterion(model(images), labels)
             accelerator.backward(loss / accum)
-            micro_losses.append(loss.item())  # a sync point every step: the stop test needs it anyway
-            if len(micro_losses) < accum:
-                continue
-            if phase.clip_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), phase.clip_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = sum(micro_losses) / accum
-            micro_losses = []
-            bar.update(1)
-            if not math.isfinite(step_loss):
-                result.stop_reason = "loss not finite"
-                break
-            average = SMOOTHING_BETA * average + (1 - SMOOTHING_BETA) * step_loss
-            smoothed = average / (1 - SMOOTHING_BETA ** (update + 1))  # bias correction: no ramp from 0
-            result.lrs.append(lr)
-            result.losses.append(step_loss)
-            result.smoothed.append(smoothed)
-            best = min(best, smoothed)
-            update += 1
-            if smoothed > DIVERGENCE_FACTOR * best:
-                result.stop_reason = "diverged"
-                break
-            if update >= steps:
-                break
-        if result.stop_reason != "end_lr reached":
-            break
-        epoch += 1
+            losses.append(loss.item())  # a sync point every step: the stop test needs it anyway
+        if phase.clip_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), phase.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sum(losses) / accum
+
+    bar = tqdm(total=steps, desc=f"lr-find {phase.name}", unit="step", disable=not recipe.logging.progress_bar, mininterval=1.0)
+    lrs, losses, smoothed, stop_reason = range_test(train_step, steps=steps, start_lr=start_lr, end_lr=end_lr, progress=bar.update)
     bar.close()
     accelerator.free_memory()
-
+    result = LRFindResult(
+        recipe=recipe.name, phase_index=phase_index, phase_name=phase.name, global_batch=global_batch,
+        precision=parts.precision, start_lr=start_lr, end_lr=end_lr, steps=steps, stop_reason=stop_reason,
+        lrs=lrs, losses=losses, smoothed=smoothed, weights=weights,
+    )
     result.suggested_index = steepest_descent(result.lrs, result.smoothed)
     if result.suggested_index is not None:
         result.suggested_lr = result.lrs[result.suggested_index]

@@ -23,13 +23,14 @@ SAME_REQUEST_S = 2.0
 
 
 class Preempted(Exception):
-    """The run stopped on a signal after writing a checkpoint; `exit_code` is 128 + the signal."""
+    """The run stopped on a signal after writing a checkpoint of update `total_step`, the last one this
+    process trained; `exit_code` is 128 + the signal."""
 
-    def __init__(self, signum: int, checkpoint) -> None:
-        self.signum, self.checkpoint = signum, checkpoint
+    def __init__(self, signum: int, checkpoint, total_step: int) -> None:
+        self.signum, self.checkpoint, self.total_step = signum, checkpoint, total_step
         self.exit_code = EXIT_CODES.get(signal.Signals(signum), 128 + signum)
         super().__init__(
-            f"stopped by {signal.Signals(signum).name} after writing {checkpoint}; "
+            f"stopped by {signal.Signals(signum).name} after update {total_step}, writing {checkpoint}; "
             "continue with --resume auto (same --run-dir)"
         )
 

@@ -438,12 +438,7 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         if not key:
             raise RecipeError(f"override {item!r} has no key")
         _collect(recipe, key.split("."), text, key, changes)
-    try:
-        return _apply(recipe, changes)
-    except RecipeError:
-        raise
-    except (TypeError, ValueError) as err:  # a value that a type rejected
-        raise RecipeError(f"{', '.join(_shown(o) for o in overrides)}: {_shown(str(err))}") from None
+    return _apply(recipe, changes)  # every field checks itself: a wrong value is a RecipeError naming it
 
 
 def resolve_recipe(recipe: Recipe, sets: list[str], data: str | None = None) -> Recipe:

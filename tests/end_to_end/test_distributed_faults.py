@@ -50,7 +50,9 @@ SETS = [
     "logging.wandb=false",
 ]
 STEPS_2, STEPS_1 = 6, 12  # steps per epoch on 2 processes and on 1
-EXIT_BOUND_S = 60  # the survivor and the launcher must be gone this soon after the fault
+# The survivor and the launcher must be gone this soon after the fault: measured 2 s and 3.5 s on an idle
+# machine, 8 s and 14 s under a load of 10 (docs/reliability.md); the bound leaves room for a busier one.
+EXIT_BOUND_S = 30
 HANG_TIMEOUT_S = 15  # IMGCLS_COLLECTIVE_TIMEOUT_S in the hang test (the default is 10 minutes)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,12 +101,18 @@ def test_sigint_to_a_two_process_launch_stops_both_at_the_same_step(tmp_path, ti
     _wait_for_steps(proc, run_dir, 3)
     os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal does
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert err.count("preempted: stopped by SIGINT") == 2, err[-4000:]  # both workers, not one
+    assert proc.returncode == 130, err[-4000:]  # 128 + SIGINT, from the launcher as from each worker
+    # Both workers, not one, each naming the last update it trained: the same one.
+    stopped_after = [int(n) for n in re.findall(r"preempted: stopped by SIGINT after update (\d+)", err)]
+    assert len(stopped_after) == 2 and stopped_after[0] == stopped_after[1], err[-4000:]
     saved = complete_checkpoints(run_dir / "main" / "checkpoints")
     assert len(saved) == 1
     state = read_state(saved[0])
     assert 0 < state["batch"] < 12  # mid-epoch: 96 images / 2 processes / batches of 4
+    # No step trained twice: the checkpoint holds the last update both workers trained, and the log,
+    # read before a resume rewinds it, ends at that update too.
+    assert state["total_step"] == stopped_after[0]
+    assert _steps(run_dir)[-1]["total_step"] == stopped_after[0]
 
     resumed = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), "--resume", "auto", env=env, sets=sets, launcher=launcher)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -233,10 +240,10 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), 
 class Tmpfs:
     """A real small filesystem: `mount -t tmpfs` (root, as CI runs), unmounted at the end."""
 
-    def __init__(self, path: Path, size_mib: int) -> None:
+    def __init__(self, path: Path, size: str) -> None:
         self.path = path
-        path.mkdir(parents=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)], check=True)
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
 
     def remount(self, mode: str) -> None:
         for _ in range(200):  # "busy" while a file there is open for writing: try again a moment later
@@ -253,8 +260,8 @@ class Tmpfs:
 def tmpfs_factory(tmp_path):
     made = []
 
-    def make(name: str, size_mib: int) -> Tmpfs:
-        made.append(Tmpfs(tmp_path / name, size_mib))
+    def make(path: str | Path, size: str) -> Tmpfs:
+        made.append(Tmpfs(tmp_path / path, size))  # an absolute `path` stays as it is
         return made[-1]
 
     yield make
@@ -269,7 +276,7 @@ def _checkpoint_bytes(run_dir: Path) -> dict[str, bytes]:
 @needs_root
 def test_full_disk_keeps_the_previous_checkpoint_and_says_where(tmp_path, tiny_imagenet, run_env, reference_run, tmpfs_factory):
     # One checkpoint of this model (weights, AdamW state, EMA) is ~76 MiB: the second cannot fit.
-    disk = tmpfs_factory("small-disk", 120)
+    disk = tmpfs_factory("small-disk", "120m")
     run_dir = disk.path / "run"
     done = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=run_env, sets=RESUME_SETS)
     assert done.returncode == 4, done.stderr[-3000:]
@@ -290,11 +297,9 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_where(tmp_path, tiny_i
     assert_same_weights(reference_run, moved)
 
 
-@needs_root
-def test_read_only_disk_mid_run_stops_cleanly_and_resumes(tmp_path, tiny_imagenet, run_env, reference_run, tmpfs_factory):
-    disk = tmpfs_factory("flaky-disk", 1024)
-    run_dir = disk.path / "run"
-    proc = _start(run_dir, tiny_imagenet, run_env)
+def _stop_on_read_only(proc: subprocess.Popen, run_dir: Path, disk: Tmpfs) -> tuple[dict[str, bytes], str]:
+    """Once the first checkpoint is complete, remount `disk` read-only; returns the checkpoints' bytes
+    at that moment and the error line the run stopped with (exit 4, no traceback)."""
     deadline = time.monotonic() + 300
     while not complete_checkpoints(run_dir / "main" / "checkpoints"):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
@@ -304,11 +309,127 @@ def test_read_only_disk_mid_run_stops_cleanly_and_resumes(tmp_path, tiny_imagene
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 4, err[-3000:]
     message = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(message) == 1 and "Read-only file system" in message[0] and str(run_dir) in message[0], err[-3000:]
-    assert "Traceback" not in err
+    assert len(message) == 1 and "Traceback" not in err, err[-3000:]
+    return before, message[0]
+
+
+@needs_root
+def test_read_only_checkpoints_stop_inside_a_checkpoint_write_and_resume(tmp_path, tiny_imagenet, run_env, reference_run, tmpfs_factory):
+    # The checkpoints on a filesystem of their own, remounted read-only after the first checkpoint: the
+    # run's logs stay writable, so the next checkpoint write is what fails.
+    run_dir = tmp_path / "run"
+    checkpoints = tmpfs_factory(run_dir / "main" / "checkpoints", "1024m")
+    proc = _start(run_dir, tiny_imagenet, run_env)
+    before, message = _stop_on_read_only(proc, run_dir, checkpoints)
+    assert "cannot write checkpoint" in message and "step_00000008" in message and "Read-only file system" in message
+    assert "step_00000004 is intact" in message
     assert _checkpoint_bytes(run_dir) == before  # nothing of the checkpoints changed or vanished
+    assert _steps(run_dir)[-1]["total_step"] == 8  # the logs went on to the step being saved
+
+    checkpoints.remount("rw")
+    resumed = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), "--resume", "auto", env=run_env, sets=RESUME_SETS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert history_without_timings(run_dir) == history_without_timings(reference_run)
+    assert_same_weights(reference_run, run_dir)
+
+
+@needs_root
+def test_read_only_run_folder_stops_inside_a_log_write_and_resumes(tmp_path, tiny_imagenet, run_env, reference_run, tmpfs_factory):
+    # The other way round: the run folder read-only, its checkpoints writable. The next line of
+    # steps.jsonl is what fails.
+    disk = tmpfs_factory("flaky-disk", "1024m")
+    run_dir = disk.path / "run"
+    tmpfs_factory(run_dir / "main" / "checkpoints", "1024m")
+    proc = _start(run_dir, tiny_imagenet, run_env)
+    before, message = _stop_on_read_only(proc, run_dir, disk)
+    assert f"cannot write {run_dir / 'steps.jsonl'}: Read-only file system" in message
+    assert _checkpoint_bytes(run_dir) == before
 
     disk.remount("rw")
     resumed = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), "--resume", "auto", env=run_env, sets=RESUME_SETS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert history_without_timings(run_dir) == history_without_timings(reference_run)
     assert_same_weights(reference_run, run_dir)
+
+
+# A run whose second phase starts from the first's checkpoint. The first phase saves only at its end, so
+# the disk never holds two of its checkpoints at once; the second saves every 4 updates. Its first
+# checkpoint has no earlier one of its phase to estimate the space by, so a disk that is too small fails
+# in the middle of the write itself.
+TWO_PHASES = """
+from trainer import Data, Logging, Model, Phase, Recipe, run
+
+
+def phase(name, init="", checkpoint_every_steps=0):
+    return Phase(name=name, init=init, epochs=1, batch_size_per_device=8, lr_per_256=2e-3, warmup_epochs=0,
+                 ema_decay=0.9, res_px=32, eval_res_px=32, checkpoint_every_steps=checkpoint_every_steps, keep_best_k=1)
+
+
+RECIPE = Recipe(
+    name="two-phases",
+    model=Model(arch="resnet10t"),
+    data=Data(loader_threads=1),
+    phases=(phase("first"), phase("second", init="phase:first", checkpoint_every_steps=4)),
+    logging=Logging(wandb=False, progress_bar=False, log_every_steps=1),
+)
+
+if __name__ == "__main__":
+    run(RECIPE)
+"""
+
+
+def _two_phases(recipe: Path, run_dir: Path, data: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(recipe), "--data", str(data), "--run-dir", str(run_dir), *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def two_phase_reference(tmp_path_factory, tiny_imagenet, run_env) -> tuple[Path, Path]:
+    """(recipe file, its uninterrupted run)."""
+    folder = tmp_path_factory.mktemp("two-phases")
+    recipe = folder / "two_phases.py"
+    recipe.write_text(TWO_PHASES)
+    done = _two_phases(recipe, folder / "reference", tiny_imagenet, run_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return recipe, folder / "reference"
+
+
+def _disk_bytes(folder: Path) -> int:
+    """What the files of `folder` take on a tmpfs: whole 4 KiB pages."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in folder.rglob("*") if f.is_file())
+
+
+@needs_root
+@pytest.mark.parametrize("fails_in", ["model.safetensors", "optimizer.bin"])
+def test_a_disk_that_fills_during_a_checkpoint_write_keeps_the_last_one_and_resumes(
+        tmp_path, tiny_imagenet, run_env, two_phase_reference, tmpfs_factory, fails_in):
+    recipe, reference = two_phase_reference
+    # Room for all the run holds when the second phase writes its first checkpoint, plus half of the
+    # file that write is to fail in (safetensors' weights, or torch.save's optimizer state).
+    sizes = {f.name: f.stat().st_size for f in complete_checkpoints(reference / "second" / "checkpoints")[0].iterdir()}
+    room = sizes["model.safetensors"] // 2 if fails_in == "model.safetensors" else sizes["model.safetensors"] + sizes["optimizer.bin"] // 2
+    held = _disk_bytes(reference) - _disk_bytes(reference / "second")
+    disk = tmpfs_factory("filling-disk", f"{(held + room) // 1024}k")
+    run_dir = disk.path / "run"
+    done = _two_phases(recipe, run_dir, tiny_imagenet, run_env)
+    assert done.returncode == 4, done.stderr[-3000:]
+    message = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    first_saved = complete_checkpoints(run_dir / "first" / "checkpoints")
+    assert [p.name for p in first_saved] == ["step_00000012"]
+    assert "cannot write checkpoint" in message[0] and "step_00000016" in message[0]
+    assert "No space left on device" in message[0] and f"{first_saved[0]} is intact" in message[0]
+    # The write failed half-way: its temporary folder was there and is gone, and nothing of the second
+    # phase counts as a checkpoint.
+    assert not list((run_dir / "second" / "checkpoints").glob(TMP_PREFIX + "*"))
+    assert complete_checkpoints(run_dir / "second" / "checkpoints") == []
+    # The first phase's checkpoint is whole: the same bytes as the uninterrupted run's.
+    expected = complete_checkpoints(reference / "first" / "checkpoints")[0]
+    assert (first_saved[0] / "model.safetensors").read_bytes() == (expected / "model.safetensors").read_bytes()
+
+    disk.remount("size=1g")
+    resumed = _two_phases(recipe, run_dir, tiny_imagenet, run_env, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {first_saved[0]}" in resumed.stdout
+    assert history_without_timings(run_dir) == history_without_timings(reference)
+    assert_same_weights(reference, run_dir, phase="second")

@@ -1,8 +1,8 @@
 """Kill anywhere: SIGKILL a real two-phase run at 20+ moments (start-up, inside checkpoint writes, across
-the phase boundary, mid-training), resume each with `--resume auto`, and check that every run ends
-bit-identical to one that never stopped and that no half-written checkpoint is ever resumed from.
+the phase boundary, mid-training), resume each with `--resume auto`, and check that every chain of kills
+ends bit-identical to a run that never stopped and that no half-written checkpoint is ever resumed from.
 
-Measured on the 2-core CPU machine, nearly idle: 24 kills, 24 identical, 29 launches in ~100 s (`pytest -s`
+Measured on the 2-core CPU machine, nearly idle: 24 kills in 4 chains, all identical, 29 launches in ~100 s (`pytest -s`
 prints the figures; <tmp>/kills.json has every kill). A launch is mostly start-up (importing torch, timm,
 DALI and accelerate: 4-7 s of the 10-16 s a whole run takes), so the run is short, the kills of one
 run folder form a chain (kill, resume, kill, ..., finish), and two chains run at once, each pinned to a
@@ -358,9 +358,14 @@ def test_kill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_imagenet, run
           f"write short; {summary['launches']} launches in {summary['wall_s']} s "
           f"(start-up {timing['startup_s']:.1f} s of a {timing['reference_run_s']:.1f} s run); details in {tmp_path / 'kills.json'}")
 
+    # What docs/reliability.md says of this test: every chain has one kill at start-up and one at the
+    # phase boundary, and two aimed at checkpoint writes and two between checkpoints (a kill aimed at
+    # a step the chain has already passed moves on or drops out, so at least 6 of each of those);
+    # some land inside a write; and every chain ends bit-identical.
+    assert by_kind["startup"] == CHAINS and by_kind["boundary"] == CHAINS, by_kind
+    assert by_kind["checkpoint"] >= 6 and by_kind["training"] >= 6, by_kind
+    assert len(mid_write) >= 4, summary
     assert len(hits) >= 20, summary
-    assert all(by_kind.values()), by_kind
-    assert mid_write, "no kill landed inside a checkpoint write"
     for chain in chains:
         assert chain["identical"], {k: v for k, v in chain.items() if k != "kills"}
     assert identical == len(hits)

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 import pytest
+import timm
 import wandb_files
 from conftest import FAST, REPO, run_recipe
 from safetensors.torch import load_file
 
+from trainer.optim import build_optimizer
+from trainer.recipe import recipe_from_dict
 from trainer.run_folder import STATE_FILE, read_state
 
 SETS = FAST + ["phases.0.epochs=3", "phases.0.checkpoint_every_steps=5", "phases.0.keep_best_k=1", "phases.0.ema_decay=0.9"]
@@ -105,17 +109,73 @@ def test_throughput_report_per_epoch_and_at_the_end(short_run):
     assert all("system/step_ms_p90" in r for r in logged)
 
 
+# The quickstart run as a user starts it, watched from inside: a global optimizer-step hook sees the
+# gradients after the loop clipped them, and a hook on the model sees the memory layout of its input.
+OBSERVED = """
+import json, sys
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from trainer import launch
+from trainer.__main__ import load_recipe
+
+OUT, seen = sys.argv[1], {{"grad_norms": [], "input_channels_last": []}}
+
+
+def after_clipping(optimizer, args, kwargs):  # every optimizer step, after the loop clipped the gradients
+    grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    seen["grad_norms"].append(float(torch.linalg.vector_norm(torch.cat(grads))))
+
+
+register_optimizer_step_pre_hook(after_clipping)
+create_model = launch.create_model
+
+
+def watched(recipe, num_classes):
+    model = create_model(recipe, num_classes)
+
+    def layout(module, args):
+        if module.training:
+            x = args[0]
+            seen["input_channels_last"].append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+    model.register_forward_pre_hook(layout)
+    return model
+
+
+launch.create_model = watched
+try:
+    launch.run(load_recipe({recipe!r}), sys.argv[2:])
+finally:
+    with open(OUT, "w") as f:
+        json.dump(seen, f)
+"""
+
+
 def test_accumulation_clipping_channels_last_run(tmp_path, tiny_imagenet, run_env):
     run_dir = tmp_path / "accum"
+    clip = 0.05  # below every gradient norm of this model: each update is clipped to exactly this norm
     sets = FAST + [
-        "phases.0.epochs=1", "phases.0.warmup_epochs=0", "phases.0.grad_accum_steps=3", "phases.0.clip_grad_norm=1.0",
+        "phases.0.epochs=1", "phases.0.warmup_epochs=0", "phases.0.grad_accum_steps=3", f"phases.0.clip_grad_norm={clip}",
         "model.channels_last=true", "logging.wandb=false",
     ]
-    done = run_recipe("quickstart.py", "--data", str(tiny_imagenet), "--run-dir", str(run_dir), env=run_env, sets=sets)
+    script, seen_file = tmp_path / "observed.py", tmp_path / "seen.json"
+    script.write_text(OBSERVED.format(recipe=str(REPO / "recipes" / "quickstart.py")))
+    cmd = [sys.executable, str(script), str(seen_file), "--data", str(tiny_imagenet), "--run-dir", str(run_dir)]
+    done = subprocess.run([*cmd, *(i for item in sets for i in ("--set", item))], env=run_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
     assert [s["total_step"] for s in steps] == [1, 2, 3, 4]  # 12 batches of 8 / 3 per update
-    # The LR is scaled by the global batch: 8 per device x 3 accumulated = 24 images per update.
-    recipe = json.loads((run_dir / "recipe.json").read_text())
-    peak = recipe["phases"][0]["lr_per_256"] * 24 / 256
-    assert max(s["lr"] for s in steps) <= peak + 1e-12
+    # The LR is scaled by the global batch, 8 per device x 3 accumulated = 24 images per update, and
+    # follows the phase's cosine schedule from that peak: the same values, step by step.
+    recipe = recipe_from_dict(json.loads((run_dir / "recipe.json").read_text()))
+    peak = recipe.phases[0].lr_per_256 * 24 / 256
+    optimizer, schedule = build_optimizer(timm.create_model("resnet10t", num_classes=3), recipe.phases[0], peak, updates_per_epoch=4)
+    for record in steps:
+        schedule.step_update(record["total_step"])
+        assert record["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9), record
+    seen = json.loads(seen_file.read_text())
+    # Clipping: 4 updates, each with its gradient norm brought down to the limit.
+    assert seen["grad_norms"] == pytest.approx([clip] * 4, rel=1e-4)
+    # channels_last: every training batch reaches the model in NHWC memory (12 batches).
+    assert seen["input_channels_last"] == [True] * 12

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from loaders.dali import (
     TrainAugment,
     TrainLoader,
     _brightness_contrast,
+    _rand_augment,
     augment_draws,
     jitter_factors,
     rand_augment_ops,
@@ -145,6 +148,92 @@ def test_rand_augment_applies_the_op_our_draws_pick(train, plain):
     changed = (augmented != plain).flatten(1).any(1).numpy()
     assert identity.any() and not changed[identity].any()  # the same crop, untouched
     assert changed[~identity].mean() > 0.8  # a few ops can be no-ops on some images (auto_contrast)
+
+
+# What torchvision's RandAugment does with each op at a (signed) magnitude: its `_apply_op`, on a uint8
+# CHW tensor of height h and width w, nearest-neighbour warps filled with grey 128.
+def _torchvision_op(name: str, m: float, image: torch.Tensor) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    nearest, grey = TF.InterpolationMode.NEAREST, [128.0] * 3
+    warp = dict(angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=grey)
+    return {
+        "translate_x": lambda: TF.affine(image, **{**warp, "translate": [m * w, 0]}),
+        "translate_y": lambda: TF.affine(image, **{**warp, "translate": [0, m * h]}),
+        "shear_x": lambda: TF.affine(image, **{**warp, "shear": [math.degrees(math.atan(m)), 0.0]}, center=[0, 0]),
+        "shear_y": lambda: TF.affine(image, **{**warp, "shear": [0.0, math.degrees(math.atan(m))]}, center=[0, 0]),
+        "rotate": lambda: TF.rotate(image, m, interpolation=nearest, fill=grey),
+        "brightness": lambda: TF.adjust_brightness(image, 1 + m),
+        "contrast": lambda: TF.adjust_contrast(image, 1 + m),
+        "color": lambda: TF.adjust_saturation(image, 1 + m),
+        "sharpness": lambda: TF.adjust_sharpness(image, 1 + m),
+        "posterize": lambda: TF.posterize(image, int(round(m))),
+        "solarize": lambda: image if m > 255 else TF.solarize(image, m),
+        "equalize": lambda: TF.equalize(image),
+        "auto_contrast": lambda: TF.autocontrast(image),
+        "identity": lambda: image,
+    }[name]()
+
+
+def _test_card(height: int = 160, width: int = 224) -> np.ndarray:
+    """Smooth gradients in three directions, a red block and a small patch of noise: every op changes it
+    in a way that shows (sharpness on the patch), and where nearest-neighbour sampling rounds a
+    half-pixel position the other way only edges and the patch notice."""
+    y, x = np.mgrid[0:height, 0:width]
+    card = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], axis=-1)
+    card[40:80, 60:120] = [250, 30, 30]
+    card[100:124, 150:174] = np.random.default_rng(0).integers(0, 256, (24, 24, 3))
+    return card.astype(np.uint8)
+
+
+@pytest.mark.parametrize("magnitude_bin", [9, 20])
+def test_rand_augment_ops_match_torchvisions_functions(magnitude_bin):
+    """Each op of our RandAugment, picked and signed by our draws, against torchvision's function at the
+    same magnitude: same direction, centre, fill and strength. Where the implementations differ by
+    design it is named: DALI's shears lean the other way for the same sign (one distribution, as every
+    sign is drawn symmetric), its sharpness filters the 1-pixel border that PIL leaves alone, and its
+    equalize follows OpenCV's formula rather than PIL's."""
+    card = _test_card()
+    height, width = card.shape[:2]
+    ops = rand_augment_ops()
+    cases = [(k, negate) for k, op in enumerate(ops) for negate in ((False, True) if op.randomly_negate else (False,))]
+    draws = [np.array([(k + 0.5) / len(ops), 0.25 if negate else 0.75], np.float32) for k, negate in cases]
+
+    @pipeline_def(batch_size=len(cases), num_threads=1, device_id=None, enable_conditionals=True)
+    def augmented():
+        images, rows, size = fn.external_source(
+            source=lambda: ([card] * len(cases), draws, [np.array([height, width], np.float32)] * len(cases)),
+            num_outputs=3, batch=True, layout=["HWC", "", ""], dtype=[types.UINT8, types.FLOAT, types.FLOAT],
+        )
+        return _rand_augment(images, rows, 0, layers=1, magnitude=magnitude_bin, size=size)
+
+    pipe = augmented()
+    pipe.build()
+    outputs = pipe.run()[0]
+    image = torch.from_numpy(card).permute(2, 0, 1)
+    checked = set()
+    for (k, negate), ours in zip(cases, outputs):
+        op, ours = ops[k], np.asarray(ours).astype(int)
+        lo, hi = op.mag_range or (0, 0)
+        m = (lo + (hi - lo) * magnitude_bin / 30) * (-1 if negate else 1)
+        if op.name in ("shear_x", "shear_y"):
+            m = -m
+        reference = _torchvision_op(op.name, m, image).permute(1, 2, 0).numpy().astype(int)
+        error = np.abs(ours - reference)
+        where = f"{op.name} at magnitude {m:+.3f}"
+        if op.name in ("translate_x", "translate_y", "shear_x", "shear_y", "rotate"):
+            # Nearest-neighbour sampling: a pixel one over, where the two round a position differently.
+            assert (error.max(axis=-1) <= 3).mean() > 0.99, where
+        elif op.name == "sharpness":
+            assert error[1:-1, 1:-1].max() <= 2, where
+        elif op.name == "equalize":  # OpenCV's lookup table against PIL's: a few grey levels apart
+            assert error.mean() < 3 and error.max() <= 20, where
+        else:
+            assert error.max() <= 2, where
+        if op.randomly_negate:  # and the sign is the one we say: the other one does not fit
+            opposite = _torchvision_op(op.name, -m, image).permute(1, 2, 0).numpy().astype(int)
+            assert np.abs(ours - opposite).max() > 10, f"{where}: the opposite magnitude fits as well"
+        checked.add(op.name)
+    assert checked == {op.name for op in ops}
 
 
 def test_resume_with_both_augmentations_is_bit_identical(train, plain):

@@ -3,8 +3,10 @@ no traceback, no run folder. Random override strings raise only RecipeError."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import re
 import time
@@ -24,6 +26,15 @@ from trainer.recipe import Data, Logging, Model, Phase, Push, Recipe, RecipeErro
 # -- (a) the override parser under random input ---------------------------------------------------------
 
 BASE = Recipe(name="t", phases=(Phase(name="warm", epochs=3, warmup_epochs=1), Phase(name="full", epochs=5, init="phase:warm")))
+SECTIONS = {"model": Model, "data": Data, "logging": Logging, "push": Push}
+# Real key paths, as the dataclasses define them: top-level fields, section fields, and phase fields by
+# index (negative too) and by phase name.
+REAL_KEYS = st.one_of(
+    st.sampled_from([f.name for f in dataclasses.fields(Recipe) if f.name not in ("phases", *SECTIONS)]),
+    st.sampled_from([f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]),
+    st.builds("phases.{}.{}".format, st.sampled_from(["0", "1", "-1", "-2", "warm", "full"]),
+              st.sampled_from([f.name for f in dataclasses.fields(Phase)])),
+)
 FIELDS = sorted({f.name for cls in (Recipe, Model, Data, Phase, Logging, Push) for f in dataclasses.fields(cls)})
 SEGMENTS = st.one_of(
     st.sampled_from(FIELDS),
@@ -31,25 +42,40 @@ SEGMENTS = st.one_of(
                      "", " ", "epoch", "²", "٣", "99999999999999999999", "phases.0", "0x1", "*"]),
     st.text(max_size=6),
 )
+BOGUS_KEYS = st.builds(".".join, st.lists(SEGMENTS, min_size=1, max_size=4))
+HOSTILE = st.sampled_from([
+    "nan", "-nan", "inf", "-inf", "1e400", "-1e-400", "1e308", "9" * 30, "-9" * 5, "", " ", "()", "[]", "[1, 2]",
+    "((0.5,1))", "0.5,", ",", ",,", "0,0", "1,0", "nan,1", "true", "True", "none", "null", "mlp:512", "mlp:0",
+    "mlp:²", "stages:2", "stages:-1", "linear", "phase:warm", "phase:full", "phase:nope", "pretrained", "²", "٣",
+    "\x00", "1_0", "0x10", "1.5", "-0", "0.0", "..", ".", "a/b", "resnet18", "fp8", "bf16", "u/n", "/", "\n",
+    "é" * 100, "2147483648", "-2147483649", "1e-320", "0.5,0.5,0.5", "1,2,3,4", "backbone", "step", "plateau",
+])
+# Plain values of every type a field has: valid often enough that whole lists get through to validation.
+PLAIN = st.one_of(
+    st.integers(min_value=-3, max_value=40).map(str),
+    st.sampled_from(["0.1", "0.5", "0.9", "0.99", "1.0", "2.5", "0.35,1.0", "0.75,1.333", "2,4", "8,16", "0.5,0.5,0.5"]),
+)
 VALUES = st.one_of(
-    st.sampled_from(["nan", "-nan", "inf", "-inf", "1e400", "-1e-400", "1e308", "9" * 30, "-9" * 5, "", " ", "()", "[]",
-                     "[1, 2]", "((0.5,1))", "0.5,", ",", ",,", "0,0", "1,0", "nan,1", "true", "True", "none", "null",
-                     "mlp:512", "mlp:0", "mlp:²", "stages:2", "stages:-1", "linear", "phase:warm", "phase:full",
-                     "phase:nope", "pretrained", "²", "٣", "\x00", "1_0", "0x10", "1.5", "-0", "0.0", "..", ".", "a/b",
-                     "resnet18", "fp8", "bf16", "u/n", "/", "\n", "é" * 100]),
+    HOSTILE,
+    PLAIN,
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.text(max_size=12),
 )
 OVERRIDE = st.one_of(
-    st.builds(lambda parts, value: ".".join(parts) + "=" + value, st.lists(SEGMENTS, min_size=1, max_size=4), VALUES),
+    # Mostly real keys, whose values reach each field's own checks.
+    st.builds("{}={}".format, REAL_KEYS, VALUES),
+    st.builds("{}={}".format, REAL_KEYS, VALUES),
+    st.builds("{}={}".format, REAL_KEYS, PLAIN),
+    st.builds("{}={}".format, BOGUS_KEYS, VALUES),
     st.text(max_size=20),  # anything at all, with or without "="
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OVERRIDE, min_size=1, max_size=3))
 def test_random_overrides_raise_only_recipe_errors(overrides):
+    # No catch-all: an exception other than RecipeError is a bug, and fails here.
     try:
         recipe = apply_overrides(BASE, overrides)
     except RecipeError as err:
@@ -58,6 +84,21 @@ def test_random_overrides_raise_only_recipe_errors(overrides):
     # What comes back is a valid recipe that survives recipe.json: strict JSON (no NaN) and validation again.
     text = json.dumps(recipe.to_dict(), allow_nan=False)
     assert recipe_from_dict(json.loads(text)) == recipe
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.builds("{}={}".format, REAL_KEYS, st.one_of(HOSTILE, PLAIN)), min_size=1, max_size=3))
+def test_random_overrides_on_the_real_command_line_stop_before_any_work(tmp_path_factory, overrides):
+    """What `python recipes/quickstart.py --set ...` calls, with data that are not there: whether the
+    overrides are wrong or fine, the run stops before any work with exit 2 and one error line."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    argv = ["--data", str(folder / "nowhere"), "--run-dir", str(folder / "run")] + [i for o in overrides for i in ("--set", o)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
+        run(_load_quickstart(), argv)
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
+    assert not (folder / "run").exists()
 
 
 def test_nan_and_huge_values_are_refused_with_the_key():

@@ -8,7 +8,7 @@ import timm
 import torch
 
 from trainer.loop import early_stop_score, resolve_precision
-from trainer.lr_find import lr_at, steepest_descent
+from trainer.lr_find import lr_at, range_test, steepest_descent
 from trainer.optim import build_optimizer
 from trainer.recipe import Phase
 
@@ -114,3 +114,26 @@ def test_suggestion_is_the_steepest_fall_of_the_smoothed_loss():
     index = steepest_descent(list(lrs), list(smoothed))
     assert lrs[index] == pytest.approx(1e-3, rel=0.3)
     assert steepest_descent([1e-3], [1.0]) is None
+
+
+@pytest.mark.parametrize("curvature", [0.5, 4.0, 50.0])
+def test_range_test_suggests_an_lr_just_below_the_best_of_a_problem_built_to_have_one(curvature):
+    """Gradient descent on L(w) = h/2 |w|^2 multiplies the loss by (1 - lr h)^2 per update: the best LR is
+    exactly 1/h, and above 2/h the loss grows. The range test, at its defaults, must suggest an LR a
+    little below that best one (the smoothed loss lags the raw one: about a quarter of it here), and it
+    must see the blow-up."""
+    w = torch.ones(10, dtype=torch.float64)
+
+    def train_step(lr: float) -> float:
+        nonlocal w
+        loss = 0.5 * curvature * float(w @ w)
+        w = w - lr * curvature * w
+        return loss
+
+    lrs, losses, smoothed, reason = range_test(train_step, steps=100, start_lr=1e-7, end_lr=10.0)
+    best_lr = 1 / curvature
+    suggested = lrs[steepest_descent(lrs, smoothed)]
+    assert best_lr / 5 <= suggested <= best_lr, (suggested, best_lr)
+    if curvature * 10.0 >= 5 * 2:  # the LR ends far above 2/h: the loss grows until the test stops
+        assert reason == "diverged", reason
+    assert len(lrs) == len(losses) == len(smoothed) and lrs[0] == pytest.approx(1e-7)
