@@ -90,6 +90,22 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, tin
     assert_same_weights(reference_run, run_dir)
 
 
+# The quickstart recipe as a worker of `accelerate launch` runs it, noting the status it exits with:
+# the launcher reports its own, so each worker's is read here.
+WORKER = """
+import os, sys
+from trainer import launch
+from trainer.__main__ import load_recipe
+
+try:
+    launch.run(load_recipe({recipe!r}), sys.argv[1:])
+except SystemExit as stop:
+    with open(os.path.join({folder!r}, "exit-" + os.environ["RANK"]), "w") as f:
+        f.write(str(stop.code))
+    raise
+"""
+
+
 def test_sigint_to_a_two_process_launch_stops_both_at_the_same_step(tmp_path, tiny_imagenet, run_env):
     """Ctrl-C in a terminal: SIGINT reaches the launcher and both workers, and the launcher forwards
     it once more. Both workers must stop after the same update with one checkpoint, which resumes."""
@@ -97,11 +113,16 @@ def test_sigint_to_a_two_process_launch_stops_both_at_the_same_step(tmp_path, ti
     env = {**run_env, "ACCELERATE_USE_CPU": "1"}
     sets = FAST + ["phases.0.epochs=2", "phases.0.batch_size_per_device=4", "logging.wandb=false"]
     run_dir = tmp_path / "ddp"
-    proc = _start(run_dir, tiny_imagenet, env, sets=sets, launcher=launcher, start_new_session=True)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(recipe=str(REPO / "recipes" / "quickstart.py"), folder=str(tmp_path)))
+    cmd = [*launcher, str(worker), "--data", str(tiny_imagenet), "--run-dir", str(run_dir), *(i for item in sets for i in ("--set", item))]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_steps(proc, run_dir, 3)
     os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal does
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-4000:]  # 128 + SIGINT, from the launcher as from each worker
+    # 128 + SIGINT, from each worker and from the launcher.
+    assert [(tmp_path / f"exit-{rank}").read_text() for rank in (0, 1)] == ["130", "130"], err[-4000:]
+    assert proc.returncode == 130, err[-4000:]
     # Both workers, not one, each naming the last update it trained: the same one.
     stopped_after = [int(n) for n in re.findall(r"preempted: stopped by SIGINT after update (\d+)", err)]
     assert len(stopped_after) == 2 and stopped_after[0] == stopped_after[1], err[-4000:]
