@@ -55,7 +55,10 @@ def check_block(block: dict, classes: list[str]) -> np.ndarray:
         scores = block["per_class"][name]
         assert scores["support"] == confusion[i].sum() == 8
         assert scores["accuracy"] == pytest.approx(confusion[i, i] / confusion[i].sum())
-        assert scores["recall"] == scores["accuracy"]
+        # Recall over the row, precision over the column: the user's own division, 0/0 taken as 0.
+        assert scores["recall"] == pytest.approx(confusion[i, i] / confusion[i].sum())
+        predicted = confusion[:, i].sum()
+        assert scores["precision"] == pytest.approx(confusion[i, i] / predicted if predicted else 0.0)
     return confusion
 
 

@@ -1,16 +1,21 @@
-"""Metrics and report pieces that need no run: P/R/F1 against scikit-learn, the curves' epoch axis, caps at ImageNet scale, escaped class names, and what is not a run."""
+"""Metrics and report pieces that need no run: top-1/top-5 and the loss of `evaluate` on known logits, P/R/F1
+against scikit-learn, the curves' epoch axis, caps at ImageNet scale, escaped class names, and what is
+not a run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
 import pytest
+import torch
+from accelerate import Accelerator
 from pages import PageParser, cli, png_size
 from sklearn.metrics import precision_recall_fscore_support
 
 from trainer.curves import CURVES, CURVES_SIZE_PX, draw_curves, epoch_positions, redraw_curves
-from trainer.metrics import confusion_scores, most_confused
+from trainer.metrics import confusion_scores, evaluate, most_confused
 from trainer.report import (
     GALLERY_CLASSES_MAX,
     HEATMAP_CLASSES_MAX,
@@ -20,6 +25,25 @@ from trainer.report import (
     per_class_table_html,
 )
 from trainer.run_folder import HISTORY, read_jsonl
+
+
+def test_evaluate_counts_top1_top5_and_the_loss_of_known_logits():
+    """12 classes, so top-5 is not 1 by construction; padding (label -1) counts nowhere."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 12, generator=generator)
+    labels = torch.randint(0, 12, (40,), generator=generator)
+    labels[-3:] = -1  # the padding that evens out the ranks' batches
+    batches = [(logits[i : i + 8], labels[i : i + 8]) for i in range(0, 40, 8)]
+    scores = evaluate(torch.nn.Identity(), batches, Accelerator(cpu=True), contextlib.nullcontext())
+    real = labels >= 0
+    # Where the true class ranks among the logits, counted by hand: how many classes score higher.
+    rank = (logits[real] > logits[real, labels[real]][:, None]).sum(dim=1).numpy()
+    assert scores["samples"] == 37
+    assert scores["top1"] == pytest.approx((rank == 0).mean()) and scores["top5"] == pytest.approx((rank < 5).mean())
+    assert 0 < scores["top1"] < scores["top5"] < 1
+    expected_loss = torch.nn.functional.cross_entropy(logits[real], labels[real]).item()
+    assert scores["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert scores["confusion"].sum() == 37 and np.trace(scores["confusion"]) == (rank == 0).sum()
 
 
 def test_precision_recall_f1_match_sklearn():
