@@ -15,8 +15,11 @@ from typing import Any
 from loaders import IMAGENET_MEAN, IMAGENET_STD
 from loaders.screening import BAD_FILE_POLICIES
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODE_DEVICES = ("auto", "cpu", "mixed")
+DECODE_MODES = ("auto", "roi", "full")
+COMPILE_MODES = ("auto", "on", "off")
+MAX_PREFETCH_DEPTH = 16
 INT_MAX = 2**31 - 1  # DALI, numpy seeds and torch take many of these as 32-bit integers
 MAX_RES_PX = 8192  # 8192² RGB is 200 MB a sample: a larger resolution is a typo, not a run
 MAX_HEAD_HIDDEN = 65536
@@ -86,9 +89,11 @@ class Model:
     drop_path_rate: float = 0.0  # stochastic depth
     channels_last: bool = False  # NHWC memory format: faster convolutions on GPUs with tensor cores
     pretrained_file: str = ""  # local weights for init="pretrained"; else the Hugging Face cache (never downloads)
+    compile: str = "auto"  # torch.compile: "auto" = on with CUDA, off on the CPU; "on"; "off"
 
     def __post_init__(self) -> None:
         _check_fields(self, "model.")
+        _check(self.compile in COMPILE_MODES, f"model.compile must be one of {COMPILE_MODES}, got {_shown(self.compile)}")
         _check(bool(self.arch.strip()), "model.arch must name a timm model, e.g. resnet50")
         _check(0.0 <= self.drop_rate < 1.0, f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
         _check(0.0 <= self.drop_path_rate < 1.0, f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
@@ -102,6 +107,11 @@ class Data:
     std: tuple[float, float, float] = IMAGENET_STD
     decode_device: str = "auto"  # "mixed" = nvJPEG on the GPU; "auto" picks it when CUDA is there
     loader_threads: int = 2  # DALI CPU worker threads per process
+    # How training images are decoded: "roi" = only the random crop's window (least work); "full" = the
+    # whole image, then crop and resize in one op; "auto" = "roi" unless a trial decode of one batch in a
+    # child process crashes or fails before training, then "full" (it prints why).
+    decode_mode: str = "auto"
+    prefetch_depth: int = 2  # batches DALI prepares ahead of the one being trained on
     # Files the decoder would fail on (empty, truncated, not an image, ...), found by a header check before
     # training: "skip" = train without them, listed in <run>/bad_files.json; "stop" = exit 2 with the list.
     # Greyscale, CMYK, 16-bit, palette and alpha images are converted to RGB either way.
@@ -112,6 +122,8 @@ class Data:
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(self.decode_device in DECODE_DEVICES, f"data.decode_device must be one of {DECODE_DEVICES}, got {self.decode_device!r}")
         _check(self.loader_threads >= 1, f"data.loader_threads must be >= 1, got {self.loader_threads}")
+        _check(self.decode_mode in DECODE_MODES, f"data.decode_mode must be one of {DECODE_MODES}, got {_shown(self.decode_mode)}")
+        _check(1 <= self.prefetch_depth <= MAX_PREFETCH_DEPTH, f"data.prefetch_depth must be in 1..{MAX_PREFETCH_DEPTH}, got {self.prefetch_depth}")
         _check(self.bad_files in BAD_FILE_POLICIES, f"data.bad_files must be one of {BAD_FILE_POLICIES}, got {self.bad_files!r}")
         _check(all(s > 0 for s in self.std), f"data.std must be positive, got {self.std}")
 
@@ -169,7 +181,7 @@ class Phase:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)  # random-resized-crop aspect range
     hflip_prob: float = 0.5
-    precision: str = "auto"  # auto = bf16 on a CUDA GPU that has it, fp32 on CPU (bf16 is 11-15x slower here)
+    precision: str = "auto"  # auto = bf16 on GPUs of compute capability >= 8.0, fp16 with a loss scaler on older ones, fp32 on CPU
     grad_accum_steps: int = 1
     clip_grad_norm: float = 0.0  # 0 turns clipping off
     max_nonfinite_steps: int = 5  # a NaN/inf loss skips its update; this many in a row stop the run (exit 3)
