@@ -2,11 +2,11 @@
 
 What it measures: seconds per training step (forward, loss, backward, optimizer step) of
   - ours: the real `trainer.loop.train_phase` (accelerate on the CPU, timm optimizer and scheduler,
-    loss bookkeeping, logging every 50 steps; EMA off, fp32), fed through its `make_loaders` seam by an
+    loss bookkeeping, logging every 50 steps; EMA on, fp32), fed through its `make_loaders` seam by an
     in-memory loader with TrainLoader's interface;
   - raw: `model.train()` then, per batch, `zero_grad(set_to_none=True)`, `F.cross_entropy(model(x), y)`,
-    `backward()`, `step()`, with the optimizer from timm's `create_optimizer_v2` (same optimizer, LR and
-    weight decay as ours).
+    `backward()`, `step()` and timm's `ModelEmaV3.update`, with the optimizer from timm's
+    `create_optimizer_v2` (same optimizer, LR, weight decay and EMA decay as ours).
 Both train timm's resnet18 (10 classes) from the same initial weights on the same batches of 16 random
 64 px images already in memory, in the same process (so the same torch thread count), fp32 on the CPU:
 about 150 ms a step on a 2-core machine, so per-step costs of the loop show up at the percent level.
@@ -31,7 +31,8 @@ the allocator alone. The script therefore asks malloc (mallopt) to keep freed me
 run without page-fault churn and the ratio measures the loops' own work.
 
 Measured on the 2-core development machine (torch 2.14.1, accelerate 1.15, timm 1.0.31) while it was
-quiet: about 143 ms a step for both, loop_overhead 1.005-1.009. About 85 s.
+quiet, EMA off: about 143 ms a step for both, loop_overhead 1.005-1.009. About 85 s. With EMA on in both
+(2026-12-04, `--rounds 2 --steps 20`, the machine shared with other test runs): 0.996 and 1.037.
 
 The last line is `loop_overhead: <ours step time / raw step time>`.
 """
@@ -54,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 
 from loaders.sources import ImageFolderSource
 from trainer.checkpoint import Resumable, TrainState
@@ -83,12 +85,16 @@ class RawLoop:
         self.optimizer = create_optimizer_v2(
             model, opt=phase.optimizer, lr=lr, weight_decay=phase.weight_decay, momentum=phase.momentum
         )
+        self.ema = ModelEmaV3(model, decay=phase.ema_decay, use_warmup=phase.ema_warmup)
+        self.updates = 0
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(images), labels)
         loss.backward()
         self.optimizer.step()
+        self.updates += 1
+        self.ema.update(self.model, step=self.updates)
 
 
 class InterleavedLoader:
@@ -173,7 +179,7 @@ def bench_recipe(runs_root: Path, epochs: int) -> Recipe:
         optimizer="adamw",
         lr_per_256=1e-3,
         weight_decay=0.05,
-        ema_decay=0.0,
+        ema_decay=0.999,
         res_px=RES_PX,
         eval_res_px=RES_PX,
         precision="fp32",
@@ -243,7 +249,7 @@ def main() -> None:
     print(f"allocator: {allocator}")
     print(
         f"{ARCH}, {NUM_CLASSES} classes, batch {BATCH_SIZE}, {RES_PX} px, fp32 CPU, torch threads "
-        f"{torch.get_num_threads()}, adamw; {args.rounds} rounds of {args.steps} timed steps, interleaved step by "
+        f"{torch.get_num_threads()}, adamw, EMA; {args.rounds} rounds of {args.steps} timed steps, interleaved step by "
         f"step, after {WARMUP_STEPS} warm-up steps each"
     )
     print(f"{'loop':<32} {'median ms/step':>14}   per round")

@@ -5,13 +5,22 @@ iteration counter to (epoch, batch) and from there, through `loaders.order`, to 
 augmentation draws and the epoch's resolution. All randomness is drawn in numpy from
 (seed, epoch, sample index) and passed into the graph, so DALI holds no state worth saving: resume
 rebuilds the pipeline at (epoch, batch) and produces the same pixels as a run that never stopped.
+The train callable runs on the training thread, so it only slices arrays computed once per epoch
+(crop windows from the sizes the check before training read) and DALI reads the files itself.
 Both loaders are `loaders.recovery.DecodingStream`s: a file that fails only in the decoder is found,
 replaced by a stand-in, and the pipeline restarts at the same batch.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,9 +34,15 @@ from nvidia.dali.pipeline import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from loaders import IMAGENET_MEAN, IMAGENET_STD, order
+from loaders.headers import BadFile
 from loaders.recovery import DecodingStream, SampleGuard
-from loaders.sources import ImageFolderSource
+from loaders.screening import header_sizes, source_headers
+from loaders.sources import DataError, ImageFolderSource
 
+_log = logging.getLogger(__name__)
+
+_LABEL_COLUMN = 0  # of the feed's float rows; column 1 is the path's length
+_MAX_EXACT_FLOAT32 = 2**24  # labels and path lengths travel as float32: exact below this
 # Uniform draws per sample: crop area, crop log-aspect, crop x, crop y, flip.
 _DRAWS = 5
 # Each optional augmentation draws from its own `order.augment_uniforms` stream, appended as extra
@@ -51,6 +66,170 @@ def resolve_decode_device(device: str) -> str:
     if device == "mixed" and not torch.cuda.is_available():
         raise ValueError('decode device "mixed" needs a CUDA GPU; use "auto" or "cpu" on this machine')
     return device
+
+
+def dali_device_id(device: torch.device) -> int | None:
+    """DALI's device_id for the torch device a process trains on (None on the CPU). One process under
+    accelerate gets the device "cuda" without an index (seen on an H200): that is the current device."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+DECODE_MODES = ("auto", "roi", "full")  # data.decode_mode
+
+# nvJPEG settings for the "mixed" decoder, as NVIDIA's ResNet-50 DALI pipelines set them: buffers sized
+# up front for the largest ImageNet image, so a bigger image met mid-epoch does not reallocate (a stall
+# and device-memory churn on the training GPU). They mean nothing to the CPU decoder, so they are passed
+# only with "mixed".
+_DEVICE_MEMORY_PADDING = 211_025_920  # bytes of nvJPEG device buffers
+_HOST_MEMORY_PADDING = 140_544_512  # bytes of nvJPEG pinned host buffers
+_PREALLOCATE_WIDTH_HINT = 5_980  # px: the hardware JPEG decoder's (A100/H100) buffers for the widest image
+_PREALLOCATE_HEIGHT_HINT = 6_430  # px: ... and the tallest
+_HW_DECODER_LOAD = 0.65  # share of each batch sent to the hardware JPEG decoder; the rest goes to CUDA
+# Samples in the trial decode that `preflight_decode` runs in a child process, and how long it may take
+# (DALI's start-up and nvJPEG's first allocations take most of it).
+_TRIAL_SAMPLES = 32
+_TRIAL_TIMEOUT_S = 300
+
+
+def decoder_args(decode_device: str) -> dict:
+    """The image decoder's keyword arguments for `decode_device`: nvJPEG's buffer settings on "mixed" only."""
+    args = dict(device=decode_device, output_type=types.RGB, adjust_orientation=False)
+    if decode_device == "mixed":
+        args.update(
+            device_memory_padding=_DEVICE_MEMORY_PADDING,
+            host_memory_padding=_HOST_MEMORY_PADDING,
+            preallocate_width_hint=_PREALLOCATE_WIDTH_HINT,
+            preallocate_height_hint=_PREALLOCATE_HEIGHT_HINT,
+            hw_decoder_load=_HW_DECODER_LOAD,
+        )
+    return args
+
+
+# The trial decode run by `preflight_decode`, as `python -c`: only numpy and DALI, one batch, "roi" or "full".
+_TRIAL_CODE = """
+import json, sys
+import numpy as np
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+trial = np.load(sys.argv[1])
+args = json.loads(sys.argv[2])
+mode, device_id, fault = args.pop("mode"), args.pop("device_id"), args.pop("fault")
+if mode == "roi" and fault == "crash":
+    import os; os.abort()
+if mode == "roi" and fault == "error":
+    raise RuntimeError("a fault asked for by the caller")
+args["output_type"] = types.RGB
+samples = np.split(trial["data"], trial["ends"][:-1])
+pipe = Pipeline(batch_size=len(samples), num_threads=1, device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
+with pipe:
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+    if mode == "roi":
+        window = fn.external_source(name="window", dtype=types.FLOAT)
+        images = fn.decoders.image_slice(encoded, window[0:2], window[2:4], normalized_anchor=False, normalized_shape=False, **args)
+    else:
+        images = fn.decoders.image(encoded, **args)
+    pipe.set_outputs(images)
+pipe.build()
+pipe.feed_input("encoded", samples)
+if mode == "roi":
+    pipe.feed_input("window", trial["windows"])
+pipe.run()
+"""
+
+
+def _trial_batch(source, sizes: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Up to _TRIAL_SAMPLES readable samples of `source` and their random-resized-crop windows."""
+    draws = augment_draws(len(source), seed=0, epoch=0, aug=TrainAugment())
+    chosen, encoded = [], []
+    for index in range(len(source)):
+        if len(chosen) == _TRIAL_SAMPLES:
+            break
+        if sizes[index].min() <= 0:
+            continue
+        try:
+            encoded.append(source.read(index))
+        except (OSError, DataError):
+            continue
+        chosen.append(index)
+    chosen = np.asarray(chosen, dtype=np.int64)
+    return encoded, crop_windows(draws[chosen], sizes[chosen, 0], sizes[chosen, 1], TrainAugment())
+
+
+def _run_trial(path: str, mode: str, decode_device: str, device_id: int | None, timeout_s: float, fault: str) -> str:
+    """Decode the batch saved at `path` in a child process; "" when it passed, else what went wrong."""
+    args = {k: v for k, v in decoder_args(decode_device).items() if k != "output_type"}
+    args.update(mode=mode, device_id=device_id if decode_device == "mixed" else None, fault=fault)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _TRIAL_CODE, path, json.dumps(args)], capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return f"took over {timeout_s:g} s"
+    if done.returncode == 0:
+        return ""
+    if done.returncode < 0:
+        try:
+            return f"crashed: {signal.Signals(-done.returncode).name}"
+        except ValueError:
+            return f"crashed: signal {-done.returncode}"
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    return f"failed, exit {done.returncode}: {lines[-1][:200] if lines else 'no message'}"
+
+
+def preflight_decode(
+    source,
+    decode_device: str,
+    device_id: int | None = None,
+    *,
+    sizes: np.ndarray | None = None,
+    trial: bool | None = None,
+    timeout_s: float = _TRIAL_TIMEOUT_S,
+    fault: str = "",
+) -> tuple[str, str]:
+    """data.decode_mode "auto" decided: (mode, one line saying why). ROI decoding ("roi") unless a trial
+    ROI decode of one batch of `source` on `decode_device` crashes, fails or hangs while a whole-image
+    decode of the same batch does not: then "full". (When both fail the batch's files are at fault, not
+    ROI decoding; the loader replaces such files, so it stays "roi".)
+
+    The trials run in child processes (`python -c`) because a decoder fault can kill the process that
+    meets it (a signal, not an exception). On the CPU they are skipped unless `trial=True`: libjpeg's
+    ROI decoding is the path every CPU test runs. `sizes` are the samples' (height, width), read from
+    their headers when not given. `fault` is for tests: "crash" makes the ROI trial's child abort (a
+    signal, as a decoder fault would), "error" makes it raise.
+    """
+    decode_device = resolve_decode_device(decode_device)
+    if trial is None:
+        trial = decode_device == "mixed"
+    if not trial:
+        return "roi", f'decode_mode auto: "roi" (ROI decoding on the {decode_device} decoder, no trial needed)'
+    sizes = header_sizes(source_headers(source)) if sizes is None else sizes
+    encoded, windows = _trial_batch(source, sizes)
+    if not encoded:
+        return "roi", 'decode_mode auto: "roi" (no readable sample to try it on)'
+    with tempfile.TemporaryDirectory(prefix="decode-trial-") as folder:
+        path = os.path.join(folder, "trial.npz")
+        np.savez(path, data=np.concatenate(encoded), ends=np.cumsum([len(e) for e in encoded]), windows=windows)
+        roi = _run_trial(path, "roi", decode_device, device_id, timeout_s, fault)
+        if not roi:
+            return "roi", f'decode_mode auto: "roi" (a trial ROI decode of {len(encoded)} images on {decode_device} passed)'
+        full = _run_trial(path, "full", decode_device, device_id, timeout_s, fault)
+    if full:
+        return "roi", (f'decode_mode auto: "roi" (a trial batch on {decode_device} fails whole-image decoding too ({full}): '
+                       "its files, not ROI decoding; the loader replaces such files)")
+    return "full", f'decode_mode auto: "full" (a trial ROI decode of one batch on {decode_device} {roi}; whole images decode)'
+
+
+def resolve_decode_mode(mode: str, source, decode_device: str, device_id: int | None = None, sizes: np.ndarray | None = None) -> str:
+    """"roi" or "full" as given; "auto" decided by `preflight_decode` (a run decides once, in trainer.launch)."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    mode, why = preflight_decode(source, decode_device, device_id, sizes=sizes)
+    _log.info("%s", why)
+    return mode
 
 
 @dataclass(frozen=True)
@@ -219,32 +398,49 @@ def _rand_augment(images, draws, first: int, *, layers: int, magnitude: int, siz
     return images
 
 
-def _build_train_pipeline(callback, *, batch_size, num_threads, device_id, decode_device, aug, channels_last):
+def _build_train_pipeline(
+    callback, *, batch_size, num_threads, device_id, decode_device, aug, channels_last,
+    decode_mode="roi", read_files=False, prefetch_depth=2,
+):
     # RandAugment picks one op per sample with `if` on a per-sample index: DALI's conditionals, which
     # need the graph traced as a pipeline_def. Left off otherwise, so the graph without it is unchanged.
     @pipeline_def(enable_conditionals=aug.rand_augment_layers > 0)
     def graph():
-        jpegs, labels, draws, size, window = fn.external_source(
+        # Two arrays per batch (each feed_input costs DALI ~1 µs per sample, whatever its width): the files'
+        # paths, NUL-padded to one length (or, for an in-memory source, the encoded bytes); and one float32
+        # row per sample: label and path length (integers, exact in float32 below 2^24), output size, crop
+        # window, then the augmentation draws.
+        encoded, floats = fn.external_source(
             source=callback,
-            num_outputs=5,
+            num_outputs=2,
             batch=True,
             batch_info=True,
-            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.FLOAT],
+            dtype=[types.UINT8, types.FLOAT],
         )
-        # ROI decoding of the random-resized-crop window computed in `_feed` (x0, y0, w, h in pixels of
-        # the stored image): only the crop is decoded, on the GPU with "mixed". EXIF orientation is not
-        # applied, so the window matches the stored size (torchvision's ImageFolder does not apply it either).
-        images = fn.decoders.image_slice(
-            jpegs,
-            window[0:2],
-            window[2:4],
-            device=decode_device,
-            output_type=types.RGB,
-            adjust_orientation=False,
-            normalized_anchor=False,
-            normalized_shape=False,
-        )
-        images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        labels = fn.cast(floats[_LABEL_COLUMN], dtype=types.INT64)
+        size, window, draws = floats[2:4], floats[4:8], floats[8:]
+        if read_files:
+            # DALI reads the files in its own threads, off the training thread.
+            path = fn.slice(encoded, start=[0], shape=fn.cast(floats[1:2], dtype=types.INT32), axes=[0])
+            jpegs = fn.io.file.read(path)
+        else:
+            jpegs = encoded
+        if decode_mode == "roi":
+            # ROI decoding of the random-resized-crop window computed in `_feed` (x0, y0, w, h in pixels of
+            # the stored image): only the crop is decoded, on the GPU with "mixed". EXIF orientation is not
+            # applied, so the window matches the stored size (torchvision's ImageFolder does not apply it either).
+            images = fn.decoders.image_slice(
+                jpegs, window[0:2], window[2:4], normalized_anchor=False, normalized_shape=False, **decoder_args(decode_device)
+            )
+            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        else:
+            # The whole image, then the window (here (y0, x0, y1, x1): resize's ROI is in shape order)
+            # cropped and resized in one op: for decoders whose ROI path fails (see `preflight_decode`).
+            images = fn.decoders.image(jpegs, **decoder_args(decode_device))
+            images = fn.resize(
+                images, size=size, roi_start=window[0:2], roi_end=window[2:4], roi_relative=False,
+                interp_type=types.INTERP_LINEAR, antialias=True,
+            )
         if aug.rand_augment_layers > 0:
             first = _DRAWS + (_JITTER_DRAWS if aug.color_jitter > 0 else 0)
             images = _rand_augment(
@@ -269,24 +465,26 @@ def _build_train_pipeline(callback, *, batch_size, num_threads, device_id, decod
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=device_id,
-        prefetch_queue_depth=2,
+        prefetch_queue_depth=prefetch_depth,
         exec_dynamic=True,
     )
 
 
-def _build_eval_pipeline(callback, *, batch_size, num_threads, device_id, decode_device, res_px, crop_fraction, mean, std, channels_last):
+def _build_eval_pipeline(
+    callback, *, batch_size, num_threads, device_id, decode_device, res_px, crop_fraction, mean, std, channels_last, prefetch_depth=2
+):
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=device_id,
-        prefetch_queue_depth=2,
+        prefetch_queue_depth=prefetch_depth,
         exec_dynamic=True,
     )
     with pipe:
         jpegs, labels = fn.external_source(
             source=callback, num_outputs=2, batch=True, batch_info=True, dtype=[types.UINT8, types.INT64]
         )
-        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=False)
+        images = fn.decoders.image(jpegs, **decoder_args(decode_device))
         # timm's eval transform: shorter side to res/crop_fraction, then a centre crop of res.
         images = fn.resize(
             images,
@@ -311,11 +509,31 @@ def _to_nchw(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return images.permute(0, 3, 1, 2) if channels_last else images
 
 
+@dataclass(frozen=True)
+class _EpochTables:
+    """One epoch's feed for one rank, row i = the i-th sample it trains on; a batch is a slice of rows."""
+
+    key: tuple[int, int]  # (epoch, number of samples marked bad when built)
+    indices: np.ndarray  # the samples in order
+    fed: np.ndarray  # the samples decoded: `indices`, with the stand-in in place of a bad sample
+    # float32 (N, 8 + draws): label, length of the path in `paths`; output (height, width); crop window,
+    # (x0, y0, w, h) for "roi" and (y0, x0, y1, x1) for "full"; the augmentation draws
+    floats: np.ndarray
+    paths: np.ndarray | None  # uint8 (N, longest path): each file's UTF-8 path, NUL-padded; None for in-memory sources
+
+
 class TrainLoader(DecodingStream):
     """Infinite stream of training batches for one rank, positioned by (epoch, batch).
 
     `res_px_for_epoch` makes progressive resizing a schedule: the resolution is an input of the graph,
     so it changes at an epoch boundary without rebuilding the pipeline.
+
+    The feed runs on the training thread (inside `next()`), so it does no per-sample work: an epoch's
+    order, draws, labels and crop windows are computed at once as arrays (the windows from the sizes
+    the check before training read, `source.sizes`), and each batch hands DALI slices of them, plus
+    the files' paths for DALI to read in its own threads (the bytes, for an in-memory source).
+    `decode_mode` is "roi" (decode only the crop), "full" (decode all, then crop and resize in one op)
+    or "auto" (`preflight_decode`); `prefetch_depth` is DALI's queue of batches prepared ahead.
     """
 
     def __init__(
@@ -333,6 +551,8 @@ class TrainLoader(DecodingStream):
         num_threads: int = 2,
         channels_last: bool = False,
         batch_multiple: int = 1,
+        decode_mode: str = "auto",
+        prefetch_depth: int = 2,
     ) -> None:
         self.source = source
         self.batch_size = batch_size
@@ -345,6 +565,11 @@ class TrainLoader(DecodingStream):
         self.device_id = device_id if self.decode_device == "mixed" else None
         self.num_threads = num_threads
         self.channels_last = channels_last
+        self.prefetch_depth = prefetch_depth
+        if len(source.classes) >= _MAX_EXACT_FLOAT32:
+            raise ValueError(f"{len(source.classes)} classes: the feed carries labels as float32, exact below {_MAX_EXACT_FLOAT32}")
+        # DALI reads the files itself when there are files to read; other sources hand over bytes.
+        self.read_files = isinstance(source, ImageFolderSource)
         # With gradient accumulation an epoch holds whole accumulation groups only.
         full = order.train_batches_per_epoch(len(source), world_size, batch_size)
         self.batches_per_epoch = full - full % batch_multiple
@@ -357,9 +582,12 @@ class TrainLoader(DecodingStream):
         self.epoch = 0
         self.batch = 0  # index of the next batch to hand out within self.epoch
         self._iterator = None
-        self._cache_epoch = None
-        self.guard = SampleGuard(source, "training", rank)
+        self._tables: _EpochTables | None = None
+        self._sizes = source.sizes  # (height, width) per sample; read from the headers on first use if None
+        self.guard = SampleGuard(source, "training", rank, device=self.decode_device, device_id=self.device_id, sizes=self._sizes)
+        self.decode_mode = resolve_decode_mode(decode_mode, source, self.decode_device, self.device_id, self._sizes)
         self._last_fed = -1  # flat position (epoch * batches_per_epoch + batch) of the newest batch fed
+        self._paths: tuple[np.ndarray, np.ndarray] | None = None  # `_path_matrix`
 
     # -- position, for checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -396,20 +624,68 @@ class TrainLoader(DecodingStream):
         self.epoch, self.batch = epoch, batch
 
     # -- the external-source callable ----------------------------------------------------------
-    def _epoch_tables(self, epoch: int):
-        if self._cache_epoch != epoch:
-            indices = order.train_order(
-                len(self.source),
-                seed=self.seed,
-                epoch=epoch,
-                rank=self.rank,
-                world_size=self.world_size,
-                batch_size=self.batch_size,
-            )
-            draws = augment_draws(len(self.source), seed=self.seed, epoch=epoch, aug=self.augment)
-            self._cache = (indices, draws)
-            self._cache_epoch = epoch
-        return self._cache
+    def sizes(self) -> np.ndarray:
+        """(height, width) of every sample: the check's, or (unscreened source) read once from the headers,
+        marking the samples whose header the decoder would fail on."""
+        if self._sizes is None:
+            headers = source_headers(self.source)
+            for index, header in enumerate(headers):
+                if isinstance(header, BadFile):
+                    self.guard.mark(index, str(header))
+            self._sizes = self.guard.sizes = header_sizes(headers)
+        return self._sizes
+
+    def _epoch_tables(self, epoch: int) -> _EpochTables:
+        """The epoch's feed as arrays in this rank's order; rebuilt when a sample is newly marked bad."""
+        sizes = self.sizes()
+        stand_in = self.guard.stand_in() if self.guard.bad else None  # its search may mark more: before the key
+        key = (epoch, len(self.guard.bad))
+        if self._tables is not None and self._tables.key == key:
+            return self._tables
+        indices = order.train_order(
+            len(self.source),
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+        )
+        draws = augment_draws(len(self.source), seed=self.seed, epoch=epoch, aug=self.augment)[indices]
+        fed = indices.copy()  # the sample each position decodes: a bad sample's stand-in, with the bad sample's draws
+        heights, widths = sizes[indices, 0], sizes[indices, 1]
+        if stand_in is not None:
+            bad = np.isin(indices, np.fromiter(self.guard.bad, dtype=np.int64))
+            fed[bad] = stand_in[0]
+            heights = np.where(bad, stand_in[2].height, heights)
+            widths = np.where(bad, stand_in[2].width, widths)
+        windows = crop_windows(draws, heights, widths, self.augment)
+        if self.decode_mode == "full":
+            # fn.resize's ROI, (y0, x0) to (y1, x1), on the pixels image_slice would cut: it rounds the
+            # window's start and end to whole pixels (measured on DALI 2.4), so both modes resize one crop.
+            x0, y0, w, h = windows.astype(np.float64).T
+            windows = np.floor(np.stack([y0, x0, y0 + h, x0 + w], axis=1) + 0.5)
+        res_px = float(self.res_px_for_epoch(epoch))
+        paths, lengths = self._path_matrix() if self.read_files else (None, np.zeros(len(self.source), np.int64))
+        ints = np.stack([self.source.labels[fed], lengths[fed]], axis=1)
+        floats = np.concatenate([ints, np.full((len(indices), 2), res_px), windows, draws], axis=1, dtype=np.float32)
+        self._tables = _EpochTables(
+            key=key,
+            indices=indices,
+            fed=fed,
+            floats=floats,
+            paths=None if paths is None else paths[fed],
+        )
+        return self._tables
+
+    def _path_matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every file's UTF-8 path as a row of one NUL-padded uint8 array, and their lengths: made once."""
+        if self._paths is None:
+            encoded = [f.encode() for f in self.source.files]
+            lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+            matrix = np.zeros((len(encoded), int(lengths.max(initial=1))), dtype=np.uint8)
+            matrix[np.arange(matrix.shape[1]) < lengths[:, None]] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+            self._paths = (matrix, lengths)
+        return self._paths
 
     def _position(self, iteration: int) -> tuple[int, int]:
         flat = self._start[0] * self.batches_per_epoch + self._start[1] + iteration
@@ -418,29 +694,17 @@ class TrainLoader(DecodingStream):
     def _feed(self, info):
         epoch, batch = self._position(info.iteration)
         self._last_fed = max(self._last_fed, epoch * self.batches_per_epoch + batch)
-        indices, draws = self._epoch_tables(epoch)
-        chosen = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
-        res_px = float(self.res_px_for_epoch(epoch))
-        size = np.array([res_px, res_px], dtype=np.float32)
-        encoded, labels, heights, widths = [], [], [], []
-        self.guard.stand_in()  # chosen before any read: its search must not mark a sample already in the batch
-        for index in chosen:
-            got, label_index = self.guard.read(index), index
-            if got is None:  # a bad sample: the stand-in's bytes and label, with the bad sample's draws
-                label_index, *got = self.guard.stand_in()
-            data, header = got
-            encoded.append(data)
-            labels.append(np.array(self.source.labels[label_index], dtype=np.int64))
-            heights.append(header.height)
-            widths.append(header.width)
-        windows = crop_windows(draws[chosen], np.array(heights), np.array(widths), self.augment)
-        return (
-            encoded,
-            labels,
-            [draws[i] for i in chosen],
-            [size] * len(chosen),
-            list(windows),
-        )
+        rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+        while True:
+            tables = self._epoch_tables(epoch)
+            if self.read_files:
+                encoded = tables.paths[rows]
+                break
+            encoded = [self.guard.read_bytes(i) for i in tables.fed[rows].tolist()]
+            if all(e is not None for e in encoded):
+                break
+            # A row that cannot be read now (marked bad by read_bytes): the tables put its stand-in in.
+        return encoded, tables.floats[rows]
 
     # -- what DecodingStream needs to recover from a decode error -------------------------------
     def _next_flat(self) -> int:
@@ -448,7 +712,7 @@ class TrainLoader(DecodingStream):
 
     def _batch_samples(self, flat: int) -> np.ndarray:
         epoch, batch = divmod(flat, self.batches_per_epoch)
-        return self._epoch_tables(epoch)[0][batch * self.batch_size : (batch + 1) * self.batch_size]
+        return self._epoch_tables(epoch).indices[batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def _start_pipeline(self) -> None:
         self._start = (self.epoch, self.batch)
@@ -461,6 +725,9 @@ class TrainLoader(DecodingStream):
             decode_device=self.decode_device,
             aug=self.augment,
             channels_last=self.channels_last,
+            decode_mode=self.decode_mode,
+            read_files=self.read_files,
+            prefetch_depth=self.prefetch_depth,
         )
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
 
@@ -496,6 +763,7 @@ class EvalLoader(DecodingStream):
         device_id: int | None = None,
         num_threads: int = 2,
         channels_last: bool = False,
+        prefetch_depth: int = 2,
     ) -> None:
         self.source = source
         self.batch_size = batch_size
@@ -513,9 +781,10 @@ class EvalLoader(DecodingStream):
             mean=mean,
             std=std,
             channels_last=channels_last,
+            prefetch_depth=prefetch_depth,
         )
         self._iterator = None
-        self.guard = SampleGuard(source, "val", rank)
+        self.guard = SampleGuard(source, "val", rank, device=decode_device, device_id=self._pipe_args["device_id"])
         self._handed_out = 0  # batches handed out so far, over all passes
         self._first_flat = 0  # the value of _handed_out when the pipeline started
         self._last_fed = -1

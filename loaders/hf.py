@@ -28,6 +28,7 @@ class HFDatasetSource:
     labels: np.ndarray
     classes: tuple[str, ...]
     findings: tuple = ()  # what the check before training found (loaders.screening.Finding)
+    sizes: np.ndarray | None = None  # (height, width) per row from the check's headers, as ImageFolderSource's
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -52,7 +53,8 @@ class HFDatasetSource:
 
     def subset(self, indices: np.ndarray) -> HFDatasetSource:
         indices = np.asarray(indices, dtype=np.int64)
-        return HFDatasetSource(self.dataset.select(indices), self.image_column, self.labels[indices], self.classes, self.findings)
+        sizes = None if self.sizes is None else self.sizes[indices]
+        return HFDatasetSource(self.dataset.select(indices), self.image_column, self.labels[indices], self.classes, self.findings, sizes)
 
 
 def _columns(dataset) -> tuple[str, str]:

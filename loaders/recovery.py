@@ -4,8 +4,9 @@ does mid-run (one implementation, for the train and the eval loader).
 A file whose header is sound but whose image data the decoder rejects (a PNG failing its CRC, a JPEG
 promising more than its data hold) is found only by decoding it. The error invalidates the DALI
 pipeline and names the sample only by its place in the batch, so `DecodingStream` decodes the samples
-of the batches in flight one by one on a fresh CPU pipeline, marks those that fail, and restarts the
-pipeline at the batch it was about to hand out. A marked sample is replaced by a fixed stand-in
+of the batches in flight one by one on a fresh pipeline with the loader's decoder (CPU or GPU), marks
+those that fail (or that can no longer be read, or changed size since the check before training), and
+restarts the pipeline at the batch it was about to hand out. A marked sample is replaced by a fixed stand-in
 (`SampleGuard`), so batch sizes, step counts and every rank's lockstep stay the same, and the replay
 gives the pixels the run would have had if the file had been marked from the start.
 """
@@ -28,11 +29,18 @@ _DECODE_BATCH = 32
 _DECODE_BATCH_PIXELS = 100_000_000  # decoded pixels per batch (300 MB of RGB): huge images go a few at a time
 
 
-def _decoder(batch_size: int, num_threads: int) -> Pipeline:
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1, exec_dynamic=True)
+def _decoder(batch_size: int, num_threads: int, device: str = "cpu", device_id: int | None = None) -> Pipeline:
+    # The same graph on either decoder: only the device string (and the GPU for "mixed") differ.
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "mixed" else None,
+        prefetch_queue_depth=1,
+        exec_dynamic=True,
+    )
     with pipe:
         encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-        pipe.set_outputs(fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False))
+        pipe.set_outputs(fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False))
     pipe.build()
     return pipe
 
@@ -53,8 +61,12 @@ def decode_failures(
     *,
     num_threads: int = 1,
     progress: Callable[[int], object] | None = None,
+    device: str = "cpu",
+    device_id: int | None = None,
 ) -> dict[int, str]:
-    """{index: why} for the samples (encoded bytes, or file paths) that DALI's CPU decoder fails on.
+    """{index: why} for the samples (encoded bytes, or file paths) that DALI's decoder on `device` ("cpu",
+    or "mixed": nvJPEG on GPU `device_id`) fails on. A loader asks with its own decoder, since a file can
+    fail on one and not the other.
 
     A decode error invalidates a DALI pipeline, so samples go through in batches and a failed batch is
     retried one sample at a time on fresh pipelines. `headers` (their sizes) keep a batch under
@@ -84,7 +96,7 @@ def decode_failures(
             except OSError as err:
                 failures[index] = f"cannot read it ({type(err).__name__}: {err.strerror or err})"
         batch = [i for i in group if i in loaded]
-        pipe = pipe or _decoder(_DECODE_BATCH, num_threads)
+        pipe = pipe or _decoder(_DECODE_BATCH, num_threads, device, device_id)
         try:
             if batch:
                 pipe.feed_input("encoded", [loaded[i] for i in batch])
@@ -92,7 +104,7 @@ def decode_failures(
         except RuntimeError:
             pipe = None
             for index in batch:
-                pipe = pipe or _decoder(_DECODE_BATCH, num_threads)
+                pipe = pipe or _decoder(_DECODE_BATCH, num_threads, device, device_id)
                 try:
                     pipe.feed_input("encoded", [loaded[index]])
                     pipe.run()
@@ -109,8 +121,15 @@ class SampleGuard:
     on the bytes it just read, or by a DALI decode error): hands over a stand-in instead, so batch sizes,
     and with them every rank's step count, stay the same. Each such sample is logged with its path."""
 
-    def __init__(self, source, what: str, rank: int) -> None:
+    def __init__(
+        self, source, what: str, rank: int, *, device: str = "cpu", device_id: int | None = None, sizes: np.ndarray | None = None
+    ) -> None:
         self.source, self.what, self.rank = source, what, rank
+        # The loader's decoder: suspects and the stand-in are decoded on the same kind.
+        self.device, self.device_id = device, device_id
+        # (height, width) per sample that the loader computes crop windows from: a file whose header
+        # says otherwise now was changed since, and is replaced (its window would not fit it).
+        self.sizes = sizes
         self.bad: dict[int, str] = {}  # sample index -> why, in the order found
         self._stand_in: tuple[int, np.ndarray, Header] | None = None
 
@@ -120,8 +139,22 @@ class SampleGuard:
             return None
         try:
             data = self.source.read(index)
-            return data, read_header(data)
+            header = read_header(data)
         except (OSError, BadFile, DataError) as err:
+            self.mark(int(index), str(err))
+            return None
+        if self.sizes is not None and tuple(self.sizes[index]) != (header.height, header.width):
+            self.mark(int(index), f"changed since the check before training: now {header.width}x{header.height}")
+            return None
+        return data, header
+
+    def read_bytes(self, index: int) -> np.ndarray | None:
+        """The sample's bytes alone (its header was checked before training), or None when it must be replaced."""
+        if index in self.bad:
+            return None
+        try:
+            return self.source.read(index)
+        except (OSError, DataError) as err:
             self.mark(int(index), str(err))
             return None
 
@@ -143,7 +176,7 @@ class SampleGuard:
             got = self.read(index)
             if got is None:
                 continue
-            failed = decode_failures([got[0]])
+            failed = decode_failures([got[0]], device=self.device, device_id=self.device_id)
             if failed:
                 self.mark(index, failed[0])
                 continue
@@ -154,7 +187,7 @@ class SampleGuard:
         """After a DALI decode error: mark the samples among `indices` that fail alone; re-raise if none does."""
         candidates = sorted({int(i) for i in indices if int(i) not in self.bad})
         loaded = {i: got[0] for i in candidates if (got := self.read(i)) is not None}
-        failed = decode_failures(list(loaded.values()))
+        failed = decode_failures(list(loaded.values()), device=self.device, device_id=self.device_id)
         if not failed and len(loaded) == len(candidates):
             raise error
         for position, why in failed.items():

@@ -95,19 +95,32 @@ def source_headers(source) -> list[Header | BadFile]:
     return headers
 
 
+def header_sizes(headers: list[Header | BadFile]) -> np.ndarray:
+    """(height, width) of each header as an int64 (N, 2) array; (0, 0) for a BadFile."""
+    sizes = np.zeros((len(headers), 2), dtype=np.int64)
+    for index, header in enumerate(headers):
+        if not isinstance(header, BadFile):
+            sizes[index] = header.height, header.width
+    return sizes
+
+
 def screen(source, split: str):
     """The source without the files the decoder would fail on, carrying every finding in `findings`
-    (the dropped files, and the converted, huge and tiny ones that stay)."""
+    (the dropped files, and the converted, huge and tiny ones that stay) and every kept file's stored
+    size in `sizes` (the train loader's crop windows are computed from them, without reading a file)."""
     findings, keep = [], []
-    for index, header in enumerate(source_headers(source)):
+    headers = source_headers(source)
+    for index, header in enumerate(headers):
         if isinstance(header, BadFile):
             findings.append(Finding(header.kind, source.name(index), header.detail, split))
         else:
             keep.append(index)
             if header.notable:  # named only then: an HF row's name costs a read
                 findings.extend(header_findings(header, source.name(index), split))
-    kept = source.subset(np.asarray(keep, dtype=np.int64)) if len(keep) < len(source) else source
-    return replace(kept, findings=tuple(findings))
+    keep = np.asarray(keep, dtype=np.int64)
+    sizes = header_sizes(headers)[keep]
+    kept = source.subset(keep) if len(keep) < len(source) else source
+    return replace(kept, findings=tuple(findings), sizes=sizes)
 
 
 def screen_splits(train, val, policy: str):

@@ -25,6 +25,9 @@ class ImageFolderSource:
     # What the check before training found (loaders.screening.Finding): the files it left out, and the
     # converted, huge and tiny ones it kept. Empty when the source was not screened.
     findings: tuple = ()
+    # (height, width) of every file as its header stores it, int64 (N, 2): kept by the check before
+    # training, so the train loader's crop windows need no read. None when the source was not screened.
+    sizes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -48,6 +51,7 @@ class ImageFolderSource:
             labels=self.labels[indices],
             classes=self.classes,
             findings=self.findings,
+            sizes=None if self.sizes is None else self.sizes[indices],
         )
 
 

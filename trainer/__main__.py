@@ -1,4 +1,4 @@
-"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare, check-data.
+"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare, check-data, doctor.
 
 Argument parsing only: each command's module is imported when that command is chosen, so
 `python -m trainer --help` and `compare` load neither torch nor DALI.
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -392,9 +394,88 @@ def run_check_data(args: argparse.Namespace) -> None:
         raise SystemExit(report.exit_code)
 
 
+# -- doctor ----------------------------------------------------------------------------------------
+
+
+def add_doctor(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "doctor",
+        help="first thing on a new GPU machine: versions, GPUs, decode pre-flight, loader vs model vs loop images/s",
+        description="Print versions (torch, CUDA, DALI, nvImageCodec, NCCL) and each GPU, run the decode pre-flight, "
+        "then measure on the recipe's first phase (its resolution, batch, threads, precision, channels_last, compile): "
+        "(a) the loader alone, (b) the model on synthetic data on the device, (c) the real training loop; name the "
+        "bottleneck and print --set lines to try. Without data (no --data, no data.path in the recipe) it generates "
+        "an ImageNet-like folder of JPEGs in ~/.cache/imgcls ($IMGCLS_CACHE). See docs/gpu.md.",
+    )
+    parser.add_argument("recipe", nargs="?", help="recipe file (default: the field defaults: resnet50, batch 64, 224 px)")
+    parser.add_argument("--data", help="dataset folder (overrides data.path)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (repeatable)")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 100 with CUDA, 5 on the CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (default: 20 with CUDA, 2 on the CPU)")
+    parser.add_argument("--images", type=int, help="JPEGs to generate when there is no data (default: 10000 with CUDA, 400 on the CPU)")
+    parser.add_argument("--max-seconds", type=float, help="time limit: measurements stop early past it and what was measured is printed")
+    parser.add_argument("--log", help="log file (default: $OUT/doctor.log when OUT is set, else ./doctor.log)")
+    parser.set_defaults(command=run_doctor, check=functools.partial(check_doctor, parser))
+
+
+def check_doctor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("steps", "warmup", "images"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            parser.error(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        parser.error(f"--max-seconds must be positive, got {args.max_seconds}")
+
+
+def generated_folder(num_images: int):
+    """`make_data` for doctor: bench/loader.py's ImageNet-like JPEGs (200-800 px, ~100 KB), built once into
+    the cache folder, one class per 10 images up to 1000. The generator lives with the benchmarks, beside
+    this package in the repository."""
+
+    def make(log) -> str:
+        repo = Path(__file__).resolve().parent.parent
+        if not (repo / "bench" / "loader.py").is_file():
+            raise RecipeError(f"no data, and no generator ({repo / 'bench' / 'loader.py'} is missing): pass --data PATH")
+        # Imported by name, with the repository on the path, so the generator's worker processes find it too.
+        sys.path.insert(0, str(repo))
+        module = importlib.import_module("bench.loader")
+        from loaders.digits import cache_root
+
+        num_classes = min(1000, max(2, num_images // 10))
+        root = cache_root() / f"imagenet_like_{num_images}_{num_classes}"
+        started = time.perf_counter()
+        summary = module.build_image_folder(root, num_images=num_images, num_classes=num_classes)
+        log(f"data: generated: {module.describe(root, summary)} (ready in {time.perf_counter() - started:.1f} s)")
+        return str(root)
+
+    return make
+
+
+def run_doctor(args: argparse.Namespace) -> None:
+    import torch
+
+    from trainer.doctor import Options, doctor
+    from trainer.recipe import Phase
+
+    base = load_recipe(args.recipe) if args.recipe else Recipe(name="doctor", phases=(Phase(),))
+    recipe = resolve_recipe(base, args.set, args.data)
+    cuda = torch.cuda.is_available()
+    out = os.environ.get("OUT")
+    log_path = Path(args.log) if args.log else Path(out) / "doctor.log" if out else Path("doctor.log")
+    opts = Options(
+        steps=args.steps or (100 if cuda else 5),
+        warmup=args.warmup if args.warmup is not None else (20 if cuda else 2),
+        max_seconds=args.max_seconds,
+        log_path=log_path,
+    )
+    code = doctor(recipe, opts, generated_folder(args.images or (10000 if cuda else 400)))
+    if code:
+        raise SystemExit(code)
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
-SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find, add_export, add_predict, add_push, add_eval, add_report, add_compare, add_check_data)  # a new subcommand: one more add_<name> here
+SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find, add_export, add_predict, add_push, add_eval, add_report, add_compare, add_check_data, add_doctor)  # a new subcommand: one more add_<name> here
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
+from loaders.dali import dali_device_id, preflight_decode, resolve_decode_device
 from loaders.sources import DataError
 from trainer.atomic import write_text_atomic
 from trainer.checkpoint import Resumable, StorageError, TrainState, free_space
@@ -175,6 +177,8 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
     if resume_from is None and resume:  # killed before its first checkpoint: start over, dropping the records of the steps it lost
         log.rewind(0, 0, 0)
     model = create_model(recipe, num_classes=num_classes)
+    # data.decode_mode "auto" becomes "roi" or "full" here, once, by a trial decode before any training.
+    recipe = decide_decode_mode(recipe, splits, accelerator)
     # SIGTERM/SIGINT from here on: finish the step, checkpoint, exit 143/130 (trainer/preemption.py).
     signals = StopSignals().install()
     resumable = Resumable()
@@ -207,6 +211,24 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
         # raise: they are printed and written to push.json, and the bundle stays local.
         push_in_background(run_path, recipe.push.space, recipe.push.model_repo or None, recipe.push.private, report=accelerator.print).join()
     return run_path
+
+
+def decide_decode_mode(recipe: Recipe, splits: Splits, accelerator) -> Recipe:
+    """The recipe with data.decode_mode "auto" decided once for the run: the main process runs the trial
+    decode (`loaders.dali.preflight_decode`, a child process on the GPU, nothing on the CPU) and every
+    process takes its answer, so all ranks build the same graph. Says why when it ran a trial."""
+    if recipe.data.decode_mode != "auto":
+        return recipe
+    device = accelerator.device
+    decided = [None]
+    if accelerator.is_main_process:
+        device_id = dali_device_id(device)
+        decided = [preflight_decode(splits.train, recipe.data.decode_device, device_id, sizes=splits.train.sizes)]
+    broadcast_object_list(decided)
+    mode, why = decided[0]
+    if resolve_decode_device(recipe.data.decode_device) != "cpu":
+        accelerator.print(why)
+    return replace(recipe, data=replace(recipe.data, decode_mode=mode))
 
 
 def resume_point(accelerator, log: RunLog, resume_from: Path) -> int:

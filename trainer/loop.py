@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,18 +24,20 @@ from timm.data.random_erasing import RandomErasing
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from loaders.dali import EvalLoader, TrainAugment, TrainLoader
+from loaders.dali import EvalLoader, TrainAugment, TrainLoader, dali_device_id
 from trainer.checkpoint import Resumable, TrainState, save_checkpoint
 from trainer.curves import redraw_curves
 from trainer.data import Splits
 from trainer.metrics import eval_report, evaluate, sample_indices, sample_predictions
-from trainer.optim import PlateauLR, build_criterion, build_optimizer
-from trainer.preemption import Preempted, StopSignals, agreed_max
+from trainer.model import configure_device
+from trainer.optim import GuardedUpdate, PlateauLR, build_criterion, build_optimizer, capture_steps_on_device
+from trainer.preemption import Preempted, StopSignals
 from trainer.recipe import Phase, Recipe
 from trainer.run_folder import CHECKPOINTS_DIR, EVAL_FILE, checkpoint_name, read_state
 from trainer.tracking import RunLog, log_phase_eval, write_eval_json
 from trainer.transfer import apply_freeze, freeze_batchnorm_stats, frozen_group_count, stage_groups
 
+COMPILE_BACKEND_ENV = "TRAINER_COMPILE_BACKEND"  # torch.compile's backend when model.compile is on (default inductor)
 CURVES_EVERY_S = 30.0  # curves.png is redrawn at an epoch's end at most this often (and at a phase's end)
 
 
@@ -42,17 +45,33 @@ class Diverged(Exception):
     """`max_nonfinite_steps` updates in a row had a non-finite loss; the last good state was saved."""
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 on a CUDA GPU that supports it, fp32 otherwise (bf16 on this CPU is 11-15x slower)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
+def resolve_precision(precision: str, device: torch.device, capability: tuple[int, int] | None = None) -> str:
+    """"auto": bf16 on a CUDA GPU of compute capability >= 8.0 (Ampere on), fp16 with a loss scaler on
+    older GPUs, fp32 on the CPU (bf16 on this CPU is 11-15x slower). `capability` defaults to the device's."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    major, _ = capability if capability is not None else torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
 
 
 def autocast_for(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def skip_on_device(device: torch.device) -> bool:
+    """Whether a dropped update is decided on the device (`GuardedUpdate`) rather than by reading its flag
+    on the host. On the CPU a host read waits for nothing (the ops have already run) while the device-side
+    path copies the parameters and optimizer state every update, so it is for accelerators only."""
+    return device.type != "cpu"
+
+
+def compile_wanted(recipe: Recipe, device: torch.device) -> bool:
+    """model.compile: "on", or "auto" on a CUDA GPU."""
+    return recipe.model.compile == "on" or (recipe.model.compile == "auto" and device.type == "cuda")
 
 
 # -- the phase's set-up ----------------------------------------------------------------------------
@@ -64,9 +83,10 @@ def _loader_args(recipe: Recipe, accelerator) -> dict:
         rank=accelerator.process_index,  # global rank, not local: correct across nodes
         world_size=accelerator.num_processes,
         decode_device=recipe.data.decode_device,
-        device_id=device.index if device.type == "cuda" else None,
+        device_id=dali_device_id(device),
         num_threads=recipe.data.loader_threads,
         channels_last=recipe.model.channels_last,
+        prefetch_depth=recipe.data.prefetch_depth,
     )
 
 
@@ -89,6 +109,9 @@ def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, 
         res_px_for_epoch=phase.res_px_at,  # progressive resizing: a pure function of the epoch
         augment=augment,
         batch_multiple=phase.grad_accum_steps,
+        # "auto" was decided once for the run by trainer.launch (a trial decode); a loader built
+        # elsewhere (doctor) decides it itself.
+        decode_mode=recipe.data.decode_mode,
         **_loader_args(recipe, accelerator),
     )
     return loader, build_eval_loader(recipe, phase, data.val, accelerator)
@@ -125,6 +148,8 @@ class PhaseParts:
     precision: str
     autocast: object
     frozen: int  # stage groups frozen now
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: the loss scale and its growth counter
+    compiled: bool = False  # parts.model compiled in place (torch.compile): state_dict keys unchanged
 
     def checkpointed(self, state: TrainState) -> dict:
         """The parts a checkpoint holds beside the weights, optimizer and RNGs (`Resumable`)."""
@@ -133,7 +158,22 @@ class PhaseParts:
             parts["ema"] = self.ema
         if isinstance(self.scheduler, PlateauLR):  # the only schedule with state beyond the update count
             parts["scheduler"] = self.scheduler
+        if self.scaler is not None:
+            parts["scaler"] = self.scaler
         return parts
+
+    def prepare(self, accelerator, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap the model for the processes (DDP) and, when asked, compile the wrapped model in place
+        (`Module.compile`, as accelerate does it: after DDP, so DDP's graph splitting at its buckets
+        applies). In place, the weights keep their names: no `_orig_mod.` in checkpoints or bundles."""
+        self.model, self.optimizer = accelerator.prepare(self.raw_model, optimizer)
+        if self.compiled:
+            # COMPILE_BACKEND_ENV is for tests: inductor takes ~5 min to build a small model's C++ kernels on
+            # a 2-core CPU, "aot_eager" seconds (the same graph capture, without the code generation).
+            # dynamic=False: a new resolution (progressive resizing, eval) gets kernels specialised to it.
+            # Left to "automatic dynamic", the second shape is recompiled with symbolic sizes (less fused,
+            # more guards).
+            self.model.compile(backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"), dynamic=False)
 
 
 def set_up_phase(accelerator, recipe: Recipe, phase_index: int, model: torch.nn.Module, data: Splits, *,
@@ -151,21 +191,26 @@ def set_up_phase(accelerator, recipe: Recipe, phase_index: int, model: torch.nn.
         loader, val_loader = make_loaders(phase, accelerator)
     else:
         loader, val_loader = build_loaders(recipe, phase, phase_index, data, accelerator)
+    configure_device(device)
     if recipe.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model.to(device)
     optimizer, scheduler = build_optimizer(raw_model, phase, lr, loader.batches_per_epoch // phase.grad_accum_steps)
+    capture_steps_on_device(optimizer, device)
     ema = ModelEmaV3(raw_model, decay=phase.ema_decay, use_warmup=phase.ema_warmup) if with_ema and phase.ema_decay > 0 else None
     # Freezing is a function of the epoch; set it before DDP wraps the model (DDP syncs only the
     # parameters that are trainable when it wraps).
     frozen = apply_freeze(raw_model, phase, start_epoch)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
     mixup, criterion = build_criterion(phase, raw_model.num_classes)
     # timm's RandomErasing on the normalised batch, per sample (its draws come from the restored RNGs).
     eraser = RandomErasing(phase.random_erasing, mode="pixel", device=str(device)) if phase.random_erasing else None
     precision = resolve_precision(phase.precision, device)
-    return PhaseParts(loader, val_loader, raw_model, model, optimizer, scheduler, ema, mixup, criterion, eraser,
-                      precision, autocast_for(precision, device), frozen)
+    # fp16's range needs a loss scale; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    parts = PhaseParts(loader, val_loader, raw_model, raw_model, optimizer, scheduler, ema, mixup, criterion, eraser,
+                       precision, autocast_for(precision, device), frozen, scaler, compile_wanted(recipe, device))
+    parts.prepare(accelerator, optimizer)
+    return parts
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -194,6 +239,7 @@ def train_phase(
     resumable.parts = parts.checkpointed(state)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))  # everything: weights, optimizer, RNGs, EMA, TrainState, loader position
+        capture_steps_on_device(parts.optimizer.optimizer, accelerator.device)  # the checkpoint's may be a CPU run's
         # The same numbers, unless the loader moved its position to another process count (its load_state_dict).
         loader = parts.loader
         state.step, state.batch = (loader.epoch * loader.batches_per_epoch + loader.batch) // phase.grad_accum_steps, loader.batch
@@ -256,10 +302,18 @@ class PhaseRun:
         self.parts, self.state, self.log, self.run_dir, self.signals = parts, state, log, run_dir, signals
         self.val_source = val_source  # eval.json's class names, W&B's sample predictions
         self.checkpoints_dir = run_dir / self.phase.name / CHECKPOINTS_DIR
-        # BatchNorm running statistics move in the forward pass, before the loss can be checked: kept
-        # from the start of each update so a skipped (non-finite) update leaves no trace in them.
-        self.buffers = [b for b in parts.raw_model.buffers() if b.is_floating_point()]
-        self.good_buffers = [b.detach().clone() for b in self.buffers]
+        # The optimizer step, the EMA and the BatchNorm statistics of an update, dropped when its flags
+        # say so; on an accelerator without reading the flags on the host (see `finish_update`).
+        self.guard = GuardedUpdate(parts.optimizer.optimizer, parts.raw_model, parts.ema)
+        self.skip_on_device = skip_on_device(accelerator.device)
+        device = accelerator.device
+        # The device's own account of non-finite updates in a row (the host's, state.nonfinite_streak,
+        # catches up at each read), and whether it reached max_nonfinite_steps: from then on every update
+        # is dropped, so the weights stay the last good ones until the host reads it and stops.
+        self.streak = torch.full((), state.nonfinite_streak, dtype=torch.int64, device=device)
+        self.diverged = torch.zeros((), dtype=torch.bool, device=device)
+        # Updates whose flags the host has not read yet: (step, total_step, flags on the device).
+        self.pending: list[tuple[int, int, torch.Tensor]] = []
         self.curves_drawn_at = -math.inf
         self.tally: EpochTally | None = None
         self.bar = None
@@ -271,7 +325,7 @@ class PhaseRun:
             # DDP registered the old set of trainable parameters: wrap again (the optimizer and its
             # state are kept; frozen parameters were in it all along).
             accelerator.free_memory()
-            parts.model, parts.optimizer = accelerator.prepare(parts.raw_model, parts.optimizer.optimizer)
+            parts.prepare(accelerator, parts.optimizer.optimizer)
             accelerator.print(f"[{phase.name} {epoch + 1}/{phase.epochs}] unfroze a stage: {parts.frozen} stage groups still frozen")
         parts.model.train()
         if phase.freeze_bn_stats:
@@ -311,7 +365,7 @@ class PhaseRun:
         with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(parts.model):
             with parts.autocast:
                 loss = parts.criterion(parts.model(images), targets)
-            accelerator.backward(loss / accum)
+            accelerator.backward((loss if parts.scaler is None else parts.scaler.scale(loss)) / accum)
         finite = torch.isfinite(loss.detach())
         tally.bad_loss |= ~finite
         tally.loss_sum += torch.where(finite, loss.detach().double(), 0.0) * labels.shape[0]
@@ -321,62 +375,118 @@ class PhaseRun:
         return loss
 
     def finish_update(self, epoch: int, loss: torch.Tensor) -> None:
-        """The end of an optimizer update: skip it or step, then the schedule, the logs and the
-        checkpoints; raise Diverged after too many non-finite losses in a row, Preempted on a signal."""
+        """The end of an optimizer update: step or drop it, then the schedule, the logs and the
+        checkpoints; raise Diverged after too many non-finite losses in a row, Preempted on a signal.
+
+        The update's flags are [stop signal, non-finite loss, fp16 gradient overflow], the maximum over
+        processes (one small all-reduce, queued on the device like DDP's). On an accelerator the host
+        does not read them per update: the drop happens on the device (`GuardedUpdate`), and the host
+        reads the flags of the updates since its last read every log_every_steps updates, at
+        checkpoints and at the epoch's end (`read_flags`: skipped-step records under their own step
+        numbers, Diverged, the agreed stop). Every rank reads after the same updates, so all stop after
+        the same one: a signal stops a multi-process run up to log_every_steps updates after it came (a
+        single process stops after the update in progress). On the CPU the flags are read every
+        update: nothing runs ahead there, so the read waits for nothing."""
         accelerator, parts, state, phase, loader, tally = self.accelerator, self.parts, self.state, self.phase, self.parts.loader, self.tally
-        # One small all-reduce decides for every process, so all skip or stop on the same update:
-        # [stop signal, non-finite loss on any rank]. Reading the loss flag is the step's one sync point.
-        stop_signal, skip = agreed_max(accelerator, [self.signals.requested, int(tally.bad_loss)])
+        device, several = accelerator.device, accelerator.num_processes > 1
+        overflow = torch.zeros((), dtype=torch.int64, device=device)
+        if parts.scaler is not None:
+            # Gradients back to their true scale (before clipping); the scaler notes inf/NaN in them, on the device.
+            parts.scaler.unscale_(parts.optimizer.optimizer)
+            overflow = (sum(parts.scaler._found_inf_per_device(parts.optimizer.optimizer).values()) > 0).to(torch.int64)
+        flags = torch.stack([
+            torch.full((), self.signals.requested if several else 0, dtype=torch.int64, device=device),
+            tally.bad_loss.to(torch.int64),
+            overflow,
+        ])
+        if several:  # the result stays on the device: NCCL queues the collective, the host goes on
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         tally.bad_loss.zero_()
-        if skip:
-            # Drop this update: no optimizer step, no EMA update, BatchNorm statistics put back.
-            parts.optimizer.zero_grad(set_to_none=True)
-            torch._foreach_copy_(self.buffers, self.good_buffers)
-            state.skipped_steps += 1
-            state.nonfinite_streak += 1
-            tally.skipped += 1
+        if self.skip_on_device and not self.guard.needs_host():
+            bad = flags[1] > 0
+            skip = bad | (flags[2] > 0) | self.diverged
+            self.streak = torch.where(bad, self.streak + 1, 0)
+            self.diverged |= self.streak >= phase.max_nonfinite_steps
         else:
-            if phase.clip_grad_norm > 0:
-                accelerator.clip_grad_norm_(parts.model.parameters(), phase.clip_grad_norm)
-            parts.optimizer.step()
-            parts.optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_streak = 0
-            if parts.ema is not None:
-                parts.ema.update(parts.raw_model, step=state.step + 1)
-            torch._foreach_copy_(self.good_buffers, self.buffers)
+            flags = flags.tolist()  # the host read: free on the CPU; on a GPU only before state appears
+            skip = bool(flags[1] or flags[2])
+        if phase.clip_grad_norm > 0 and skip is not True:
+            accelerator.clip_grad_norm_(parts.model.parameters(), phase.clip_grad_norm)
+        # Drop this update if `skip`: no optimizer step, no EMA update, BatchNorm statistics put back.
+        self.guard.step(skip, ema_step=state.step + 1)
+        parts.optimizer.zero_grad(set_to_none=True)
+        if parts.scaler is not None:
+            parts.scaler.update()  # halves the scale after an overflow, on the device
         # A skipped update still takes its place in the schedule: the LR stays a function of the batch.
         state.step += 1
         state.total_step += 1
         state.batch = loader.batch
         parts.scheduler.step_update(state.step)
-        where = {"phase": phase.name, "epoch": epoch, "step": state.step, "total_step": state.total_step}
-        if skip:
-            accelerator.print(
-                f"[{phase.name} {epoch + 1}/{phase.epochs}] step {state.step}: non-finite loss, update skipped "
-                f"({state.nonfinite_streak} in a row, {state.skipped_steps} in this phase)"
-            )
-            self.log.step({**where, "skipped": "non-finite loss"})
-            if state.nonfinite_streak >= phase.max_nonfinite_steps:
-                saved = self.checkpoint(None)
-                raise Diverged(
-                    f"phase {phase.name!r}: {state.nonfinite_streak} updates in a row had a non-finite loss (NaN or inf). "
-                    f"The last good weights are saved in {saved}. Lower phases.{self.phase_index}.lr_per_256, set "
-                    f"phases.{self.phase_index}.clip_grad_norm, or use precision=fp32, then resume with --resume auto"
-                )
-        if state.step % self.recipe.logging.log_every_steps == 0:
+        self.pending.append((state.step, state.total_step, flags))
+        log_now = state.step % self.recipe.logging.log_every_steps == 0
+        mid_epoch = loader.batch < loader.batches_per_epoch  # at an epoch's end, end_epoch checkpoints
+        saved_now = bool(phase.checkpoint_every_steps) and state.step % phase.checkpoint_every_steps == 0
+        stop_signal = 0 if several else self.signals.requested  # one process: its own flag, a host int
+        if not torch.is_tensor(flags) or log_now or saved_now or not mid_epoch or stop_signal:
+            stop_signal = max(stop_signal, self.read_flags(epoch))  # before any checkpoint: it saves the counts
+        if log_now:
             loss_value = loss.item()  # a sync point: only every log_every_steps
             lr_now = parts.optimizer.param_groups[0]["lr"]
             elapsed = time.perf_counter() - tally.started
             self.bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{tally.images_seen / max(elapsed, 1e-9):.0f}")
+            where = {"phase": phase.name, "epoch": epoch, "step": state.step, "total_step": state.total_step}
             self.log.step({**where, "loss": loss_value, "lr": lr_now}, epoch_progress=epoch + loader.batch / loader.batches_per_epoch)
-        mid_epoch = loader.batch < loader.batches_per_epoch  # at an epoch's end, end_epoch checkpoints
-        saved_now = bool(phase.checkpoint_every_steps) and state.step % phase.checkpoint_every_steps == 0
         if saved_now and mid_epoch:
             self.checkpoint(None)
         if stop_signal and mid_epoch:
             self.bar.close()
             saved = self.checkpoints_dir / checkpoint_name(state.total_step) if saved_now else self.checkpoint(None)
             raise Preempted(stop_signal, saved, state.total_step)
+
+    def read_flags(self, epoch: int) -> int:
+        """Read the flags of the updates since the last read, in one transfer (the sync point on an
+        accelerator); count and report the skipped ones under their own step numbers; raise Diverged
+        when max_nonfinite_steps in a row had a non-finite loss. Returns the agreed stop signal.
+
+        An fp16 overflow (finite loss, inf/NaN gradients) is dropped like a non-finite loss (the scaler
+        then lowers its scale) but is the scaler's business: not counted as skipped, not reported, and,
+        the loss being finite, it ends a run of non-finite losses instead of adding to it."""
+        accelerator, state, phase, tally = self.accelerator, self.state, self.phase, self.tally
+        pending, self.pending = self.pending, []
+        on_device = [flags for _, _, flags in pending if torch.is_tensor(flags)]
+        values = iter(torch.stack(on_device).tolist() if on_device else ())
+        stop_signal, diverged_at = 0, None
+        for step, total_step, flags in pending:
+            signal, bad, _overflow = next(values) if torch.is_tensor(flags) else flags
+            stop_signal = max(stop_signal, signal)
+            where = {"phase": phase.name, "epoch": epoch, "step": step, "total_step": total_step}
+            if diverged_at is not None:  # dropped on the device since the limit was reached
+                state.skipped_steps += 1
+                tally.skipped += 1
+                self.log.step({**where, "skipped": "non-finite loss" if bad else "diverged"})
+            elif bad:
+                state.skipped_steps += 1
+                state.nonfinite_streak += 1
+                tally.skipped += 1
+                accelerator.print(
+                    f"[{phase.name} {epoch + 1}/{phase.epochs}] step {step}: non-finite loss, update skipped "
+                    f"({state.nonfinite_streak} in a row, {state.skipped_steps} in this phase)"
+                )
+                self.log.step({**where, "skipped": "non-finite loss"})
+                if state.nonfinite_streak >= phase.max_nonfinite_steps:
+                    diverged_at = step
+            else:
+                state.nonfinite_streak = 0
+        self.streak.fill_(state.nonfinite_streak)
+        if diverged_at is not None:
+            saved = self.checkpoint(None)
+            late = f" (from update {diverged_at} on, every update was dropped)" if diverged_at != state.step else ""
+            raise Diverged(
+                f"phase {phase.name!r}: {state.nonfinite_streak} updates in a row had a non-finite loss (NaN or inf). "
+                f"The last good weights are saved in {saved}{late}. Lower phases.{self.phase_index}.lr_per_256, set "
+                f"phases.{self.phase_index}.clip_grad_norm, or use precision=fp32, then resume with --resume auto"
+            )
+        return stop_signal
 
     def end_epoch(self, epoch: int) -> tuple[dict, dict | None]:
         """Evaluate model and EMA, record the epoch, decide early stopping, checkpoint; returns the

@@ -137,3 +137,35 @@ def test_range_test_suggests_an_lr_just_below_the_best_of_a_problem_built_to_hav
     if curvature * 10.0 >= 5 * 2:  # the LR ends far above 2/h: the loss grows until the test stops
         assert reason == "diverged", reason
     assert len(lrs) == len(losses) == len(smoothed) and lrs[0] == pytest.approx(1e-7)
+
+
+# -- what a device-side skip can put back (trainer.optim.GuardedUpdate) ---------------------------
+
+
+def _stepped(name: str) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = create_optimizer_v2(model, opt=name, lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    return optimizer
+
+
+def test_host_counters_are_found():
+    from trainer.optim import host_counters
+
+    for name in ("sgd", "momentum", "lion", "lamb", "adamw"):  # on the CPU, counters in CPU tensors are on the device
+        assert not host_counters(_stepped(name)), name
+    optimizer = _stepped("momentum")
+    next(iter(optimizer.state.values()))["step"] = 1  # a Python number: the device cannot put it back
+    assert host_counters(optimizer)
+
+
+def test_adam_counts_steps_on_the_device_only_on_cuda():
+    from trainer.optim import capture_steps_on_device
+
+    optimizer = _stepped("adamw")
+    optimizer.param_groups[0]["capturable"] = True  # as a GPU run's checkpoint brings it back
+    capture_steps_on_device(optimizer, torch.device("cpu"))
+    assert optimizer.param_groups[0]["capturable"] is False
