@@ -18,8 +18,8 @@ It times whatever `loaders` is importable, so today's code and an older copy run
 
 Measured on the 2-core development machine (DALI 2.4.0), 2026-12-04, while other work ran on it:
 before (the feed read each file and parsed its header on the training thread, and DALI copied the
-bytes) 182-278 µs per sample; after (slices of per-epoch arrays, paths for DALI's own file reader)
-2.2-2.9, up to 5.1 under heavier load. Details in docs/benchmarks.md, "Feed".
+bytes) 182-278 µs per sample; after (two slices of per-epoch arrays, paths for DALI's own file reader)
+3.40 on a slow afternoon. Details in docs/benchmarks.md, "Feed".
 
 The last line is `feed_us_per_sample: <x>`.
 """

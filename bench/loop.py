@@ -32,7 +32,7 @@ run without page-fault churn and the ratio measures the loops' own work.
 
 Measured on the 2-core development machine (torch 2.14.1, accelerate 1.15, timm 1.0.31) while it was
 quiet, EMA off: about 143 ms a step for both, loop_overhead 1.005-1.009. About 85 s. With EMA on in both
-(2026-12-04, `--rounds 2 --steps 20`, the machine shared with other test runs): 0.996 and 1.037.
+(2026-12-04, 5 rounds of 40 steps, a quiet machine on a slow afternoon: 735 vs 726 ms a step): 1.007.
 
 The last line is `loop_overhead: <ours step time / raw step time>`.
 """
