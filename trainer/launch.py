@@ -22,7 +22,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gath
 
 from loaders.dali import dali_device_id, preflight_decode, resolve_decode_device
 from loaders.sources import DataError
-from trainer.atomic import write_text_atomic
+from trainer.atomic import remove_leftovers, write_text_atomic
 from trainer.checkpoint import Resumable, StorageError, TrainState, free_space
 from trainer.data import Splits, load_splits, phase_splits, report_bad_files
 from trainer.hub import push_in_background
@@ -30,7 +30,15 @@ from trainer.loop import Diverged, train_phase
 from trainer.model import check_initial_weights, check_names, create_model, initialize
 from trainer.preemption import Preempted, StopSignals
 from trainer.recipe import Recipe, RecipeError, resolve_recipe
-from trainer.run_folder import RESOLVED_RECIPE, RUN_INFO, STATE_FILE, newest_checkpoint, read_json, read_state
+from trainer.run_folder import (
+    CHECKPOINTS_DIR,
+    RESOLVED_RECIPE,
+    RUN_INFO,
+    STATE_FILE,
+    newest_checkpoint,
+    read_json,
+    read_state,
+)
 from trainer.tracking import RunLog, start_trackers, throughput_summary
 from trainer.transfer import ensure_head
 
@@ -236,6 +244,11 @@ def resume_point(accelerator, log: RunLog, resume_from: Path) -> int:
     by another number of processes is noted."""
     saved = read_state(resume_from)
     log.rewind(saved["phase_index"], saved["epoch"], saved["total_step"])
+    if accelerator.is_main_process:
+        # A kill while a checkpoint was written or pruned leaves a `.tmp-` folder; the next write into
+        # that phase's folder removes it, but an earlier phase's folder is never written again.
+        for checkpoints_dir in log.history_path.parent.glob(f"*/{CHECKPOINTS_DIR}"):
+            remove_leftovers(checkpoints_dir)
     accelerator.print(f"resuming from {resume_from} (phase {saved['phase_name']}, epoch {saved['epoch']}, step {saved['step']})")
     written_by = len(list(Path(resume_from).glob("random_states_*.pkl")))  # accelerate saves one per process
     if written_by and written_by != accelerator.num_processes:
