@@ -2,7 +2,8 @@
 before training (every file's header, no decode) that drops the files the decoder would fail on.
 
 The result is a pure function of the files' bytes, so every process and every resume keep the same
-files. What only a decode finds is handled later, in the loaders (`loaders.recovery`); the full scan
+files. The check of an ImageFolder's files goes through `loaders.header_table` (cached per file,
+shared out among the processes); what only a decode finds is handled later, in the loaders (`loaders.recovery`); the full scan
 behind `python -m trainer check-data` is `loaders.scan`.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from loaders.header_table import ALONE, HeaderTable, Processes, cache_file, check_files
 from loaders.headers import HUGE_PIXELS, TINY_SIDE_PX, BadFile, Header, file_headers, read_header
 from loaders.sources import DataError, ImageFolderSource
 
@@ -104,32 +106,55 @@ def header_sizes(headers: list[Header | BadFile]) -> np.ndarray:
     return sizes
 
 
-def screen(source, split: str):
+def check_sources(sources: list, root, processes: Processes = ALONE) -> tuple[list[HeaderTable], str]:
+    """The structural check of every sample of several sources, one table each, and a line saying what
+    it read: the files of ImageFolder sources (all under `root`) in one pass through the header cache of
+    `root`, shared out among `processes`; other sources' samples (HF rows) read here, by every process."""
+    folders = [s for s in sources if isinstance(s, ImageFolderSource)]
+    note = ""
+    if folders:
+        table, report = check_files([f for s in folders for f in s.files], root, processes, cache_file(root))
+        note = report.line()
+    tables, start = [], 0
+    for source in sources:
+        if isinstance(source, ImageFolderSource):
+            tables.append(table.rows(start, start + len(source)))
+            start += len(source)
+        else:
+            tables.append(HeaderTable.of(source_headers(source)))
+    return tables, note
+
+
+def screen(source, split: str, table: HeaderTable | None = None):
     """The source without the files the decoder would fail on, carrying every finding in `findings`
     (the dropped files, and the converted, huge and tiny ones that stay) and every kept file's stored
-    size in `sizes` (the train loader's crop windows are computed from them, without reading a file)."""
-    findings, keep = [], []
-    headers = source_headers(source)
-    for index, header in enumerate(headers):
+    size in `sizes` (the train loader's crop windows are computed from them, without reading a file).
+    `table`: the source's check already made (`check_sources`); without it the files are read here."""
+    table = HeaderTable.of(source_headers(source)) if table is None else table
+    good = table.good()
+    findings = []
+    # Arrays for the million good files; Python only for the few that have something to say, in file
+    # order. Named only then: an HF row's name costs a read.
+    for index in np.flatnonzero(~good | table.notable()).tolist():
+        header = table.header(index)
         if isinstance(header, BadFile):
             findings.append(Finding(header.kind, source.name(index), header.detail, split))
         else:
-            keep.append(index)
-            if header.notable:  # named only then: an HF row's name costs a read
-                findings.extend(header_findings(header, source.name(index), split))
-    keep = np.asarray(keep, dtype=np.int64)
-    sizes = header_sizes(headers)[keep]
+            findings.extend(header_findings(header, source.name(index), split))
+    keep = np.flatnonzero(good)
     kept = source.subset(keep) if len(keep) < len(source) else source
-    return replace(kept, findings=tuple(findings), sizes=sizes)
+    return replace(kept, findings=tuple(findings), sizes=table.sizes[keep])
 
 
-def screen_splits(train, val, policy: str):
+def screen_splits(train, val, policy: str, tables: list[HeaderTable] | None = None):
     """Both splits screened as `data.bad_files` says: "skip" drops bad files (a pure function of the
     files' bytes, so every process and every resume drops the same ones); "stop" raises DataError
-    listing them. Either way a training class left without images is an error."""
+    listing them. Either way a training class left without images is an error. `tables`: the two
+    splits' checks already made (`check_sources`)."""
     if policy not in BAD_FILE_POLICIES:
         raise DataError(f"data.bad_files must be one of {BAD_FILE_POLICIES}, got {policy!r}")
-    train, val = screen(train, "train"), screen(val, "val")
+    train_table, val_table = tables or (None, None)
+    train, val = screen(train, "train", train_table), screen(val, "val", val_table)
     bad = [f for f in train.findings + val.findings if f.kind in BAD_KINDS]
     if bad and policy == "stop":
         listed = "\n".join(f"  {f.split}: {f.path}  ({f.kind}: {f.detail})" for f in bad[:50])

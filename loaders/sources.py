@@ -60,13 +60,29 @@ def class_dirs(root: Path) -> list[Path]:
 
 
 def image_files(folder: Path) -> list[str]:
-    # os.scandir is several times faster than Path.rglob on ImageNet-sized folders.
-    found = []
-    for dirpath, _dirnames, filenames in os.walk(folder):
-        for name in filenames:
-            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
-                found.append(os.path.join(dirpath, name))
+    """The image files under `folder`, sorted, hidden files left out; what os.walk would list (symlinked
+    folders not followed, unreadable ones skipped), with os.scandir's own paths: joining a path per file
+    in Python was half of the listing's time on ImageNet (several times Path.rglob's speed by now)."""
+    found: list[str] = []
+    _list_images(os.fspath(folder), found)
     return sorted(found)
+
+
+def _list_images(folder: str, found: list[str]) -> None:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            is_folder = entry.is_dir()
+        except OSError:
+            is_folder = False
+        if is_folder:
+            if not entry.is_symlink():
+                _list_images(entry.path, found)
+        elif entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.startswith("."):
+            found.append(entry.path)
 
 
 _CHECK_HINT = "python -m trainer check-data PATH lists every problem of a dataset at once"

@@ -3,14 +3,18 @@ dataset) screened for bad files, what the screening found, and each phase's stra
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch.distributed
+
 from loaders.digits import resolve_data_path
+from loaders.header_table import Processes
 from loaders.hf import PREFIX as HF_PREFIX
 from loaders.hf import HFDatasetSource, hf_splits
-from loaders.screening import screen_splits, screening_lines, screening_record
+from loaders.screening import check_sources, screen_splits, screening_lines, screening_record
 from loaders.sources import ImageFolderSource, image_folder_splits, stratified_split
 from trainer.atomic import write_text_atomic
 from trainer.recipe import Recipe, RecipeError
@@ -23,20 +27,54 @@ class Splits:
 
     train: ImageFolderSource | HFDatasetSource
     val: ImageFolderSource | HFDatasetSource
+    check_note: str = ""  # what the structure check read and took from its cache, for the console
 
 
 def load_splits(recipe: Recipe) -> Splits:
     """The recipe's train and val sources (an ImageFolder, `builtin:digits` or `hf:...`), screened."""
     if not recipe.data.path:
         raise RecipeError("no data: pass --data PATH (an ImageFolder) or set data.path in the recipe")
+    root = None
     if recipe.data.path.startswith(HF_PREFIX):
         train_src, val_src = hf_splits(recipe.data.path, recipe.data.val_fraction, recipe.seed)
     else:
-        train_src, val_src = image_folder_splits(resolve_data_path(recipe.data.path), recipe.data.val_fraction, recipe.seed)
-    # Files the decoder would fail on are found here, by a header check (no decode), on every process
-    # alike: what is skipped is a function of the files' bytes, so all ranks and every resume agree.
-    train_src, val_src = screen_splits(train_src, val_src, recipe.data.bad_files)
-    return Splits(train=train_src, val=val_src)
+        root = resolve_data_path(recipe.data.path)
+        train_src, val_src = image_folder_splits(root, recipe.data.val_fraction, recipe.seed)
+    # Files the decoder would fail on are found here, by a header check (no decode): each process checks
+    # its share of the files the header cache does not hold and all get every result, so all ranks and
+    # every resume skip the same files (a function of the files' bytes).
+    tables, note = check_sources([train_src, val_src], root, run_processes())
+    train_src, val_src = screen_splits(train_src, val_src, recipe.data.bad_files, tables)
+    return Splits(train=train_src, val=val_src, check_note=note)
+
+
+def run_processes() -> Processes:
+    """The processes of this run as torch.distributed knows them (after the Accelerator started them);
+    this process alone when there is no process group (a tool, or one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return Processes()
+
+    def gather(obj):
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    return Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), gather)
+
+
+def data_checksum(splits: Splits) -> str:
+    """A digest of every split's files, labels, stored sizes and findings: equal on every process."""
+    digest = hashlib.sha256()
+    for part in fields(splits):
+        source = getattr(splits, part.name)
+        if not hasattr(source, "labels"):
+            continue
+        digest.update(part.name.encode())
+        digest.update("\0".join(getattr(source, "files", ())).encode("utf-8", "surrogateescape"))
+        digest.update(source.labels.tobytes())
+        digest.update(b"" if source.sizes is None else source.sizes.tobytes())
+        digest.update(repr(source.findings).encode())
+    return digest.hexdigest()
 
 
 def report_bad_files(splits: Splits, recipe: Recipe, run_path: Path, accelerator) -> None:
@@ -44,6 +82,8 @@ def report_bad_files(splits: Splits, recipe: Recipe, run_path: Path, accelerator
     in <run>/bad_files.json (files a loader replaces later, mid-run, are logged as they are found)."""
     record = screening_record(splits.train, splits.val, recipe.data.bad_files)
     path = run_path / BAD_FILES
+    if splits.check_note:
+        accelerator.print(splits.check_note)
     if accelerator.is_main_process:
         write_text_atomic(path, json.dumps(record, indent=2))
     for line in screening_lines(record, str(path)):

@@ -24,7 +24,7 @@ from loaders.dali import dali_device_id, preflight_decode, resolve_decode_device
 from loaders.sources import DataError
 from trainer.atomic import remove_leftovers, write_text_atomic
 from trainer.checkpoint import Resumable, StorageError, TrainState, free_space
-from trainer.data import Splits, load_splits, phase_splits, report_bad_files
+from trainer.data import Splits, data_checksum, load_splits, phase_splits, report_bad_files
 from trainer.hub import push_in_background
 from trainer.loop import Diverged, train_phase
 from trainer.model import check_initial_weights, check_names, create_model, initialize
@@ -160,9 +160,10 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
     """Train `recipe` in a new run folder, or continue one (`resume`: "auto", a run folder or a
     checkpoint); returns the run folder."""
     check_names(recipe)
+    # The processes first: they share out the structure check of the files (trainer/data.py).
+    accelerator = create_accelerator(log_with="wandb" if recipe.logging.wandb else None)
     splits = load_splits(recipe)
     num_classes = len(splits.train.classes)
-    accelerator = create_accelerator(log_with="wandb" if recipe.logging.wandb else None)
     # Every process must agree on the folder (timestamps differ by a second across processes).
     found = [_find_run_dir(recipe, run_dir, resume) if accelerator.is_main_process else None]
     broadcast_object_list(found)
@@ -269,6 +270,8 @@ class RunInfo:
     def __init__(self, run_path: Path, accelerator, recipe: Recipe, splits: Splits) -> None:
         self.path, self.accelerator = run_path / RUN_INFO, accelerator
         record = read_json(self.path) if self.path.exists() else {}
+        # Every process must train on the same files, sizes and findings (the shards assume it).
+        data_checksums = gather_object([data_checksum(splits)])
         record.update(
             recipe=recipe.name,
             run_name=run_path.name,
@@ -281,6 +284,7 @@ class RunInfo:
             train_images=len(splits.train),
             val_images=len(splits.val),
             classes=list(splits.train.classes),
+            data_checksums=data_checksums,
         )
         record.setdefault("phases", {})
         self.record = record
@@ -291,6 +295,8 @@ class RunInfo:
             write_text_atomic(run_path / RESOLVED_RECIPE, recipe.to_json())
         self.update()
         accelerator.wait_for_everyone()
+        if len(set(data_checksums)) != 1:
+            raise RuntimeError(f"the screened data differ across processes: {data_checksums}")
 
     def update(self, **fields) -> None:
         self.record.update(fields)

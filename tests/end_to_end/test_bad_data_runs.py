@@ -8,6 +8,8 @@ import json
 from bad_files import SKIPPED, by_name
 from conftest import CLASSES, FAST, run_recipe, two_cpu_launcher
 
+from loaders.header_table import load_cache
+
 
 def test_training_skips_bad_files_converts_the_rest_and_logs_them(bad_folder, tmp_path, run_env):
     run_dir = tmp_path / "run"
@@ -34,13 +36,19 @@ def test_training_skips_bad_files_converts_the_rest_and_logs_them(bad_folder, tm
 
 def test_two_processes_train_through_bad_files(bad_folder, tmp_path, run_env):
     launcher = two_cpu_launcher(29541)
-    env = {**run_env, "ACCELERATE_USE_CPU": "1"}
+    # A cache of its own, empty: the two processes share out the structure check of all 72 files.
+    env = {**run_env, "ACCELERATE_USE_CPU": "1", "IMGCLS_HEADER_CACHE": str(tmp_path / "headers")}
     run_dir = tmp_path / "ddp"
     sets = FAST + ["phases.0.epochs=1", "phases.0.warmup_epochs=0", "phases.0.batch_size_per_device=9", "logging.wandb=false"]
     done = run_recipe("quickstart.py", "--data", str(bad_folder), "--run-dir", str(run_dir), env=env, sets=sets, launcher=launcher)
     assert done.returncode == 0, done.stderr[-4000:]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["num_processes"] == 2 and info["train_images"] == 54
+    # Both ranks ended with the same files, labels, sizes and findings, and the main one wrote the cache.
+    assert len(info["data_checksums"]) == 2 and info["data_checksums"][0] == info["data_checksums"][1]
+    assert "structure check: 72 files, 72 read, 0 from the cache" in done.stdout
+    (cache,) = (tmp_path / "headers").glob("*.npz")
+    assert len(load_cache(cache, bad_folder).table) == 72
     checksums = info["phases"]["main"]["param_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]  # both ranks took every step together
     steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]

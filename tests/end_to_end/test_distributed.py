@@ -20,6 +20,7 @@ def test_two_cpu_processes_train_in_lockstep(tmp_path, tiny_imagenet, run_env):
     assert info["distributed_type"] == "MULTI_CPU" and info["num_processes"] == 2
     checksums = info["phases"]["main"]["param_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert len(info["data_checksums"]) == 2 and info["data_checksums"][0] == info["data_checksums"][1]
 
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert len(history) == 2
