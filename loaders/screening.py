@@ -3,8 +3,8 @@ before training (every file's header, no decode) that drops the files the decode
 
 The result is a pure function of the files' bytes, so every process and every resume keep the same
 files. The check of an ImageFolder's files goes through `loaders.header_table` (cached per file,
-shared out among the processes); what only a decode finds is handled later, in the loaders (`loaders.recovery`); the full scan
-behind `python -m trainer check-data` is `loaders.scan`.
+shared out among the processes). What only a decode finds is handled later, in the loaders
+(`loaders.recovery`); the full scan behind `python -m trainer check-data` is `loaders.scan`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.distributed
 
 from loaders.digits import resolve_data_path
-from loaders.header_table import Processes
+from loaders.header_table import ALONE, Processes
 from loaders.hf import PREFIX as HF_PREFIX
 from loaders.hf import HFDatasetSource, hf_splits
 from loaders.screening import check_sources, screen_splits, screening_lines, screening_record
@@ -52,7 +52,7 @@ def run_processes() -> Processes:
     """The processes of this run as torch.distributed knows them (after the Accelerator started them);
     this process alone when there is no process group (a tool, or one process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return Processes()
+        return ALONE
 
     def gather(obj):
         out = [None] * torch.distributed.get_world_size()
