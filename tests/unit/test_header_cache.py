@@ -5,6 +5,7 @@ results are those of the uncached check, file for file."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -174,7 +175,8 @@ def _cold_check(args: tuple[str, str, int]) -> int:
 
 def test_two_writers_at_once_leave_a_loadable_cache(tree, tmp_path):
     cache = tmp_path / "shared" / "tree.npz"
-    with ProcessPoolExecutor(max_workers=2) as pool:
+    # spawn, not fork: other tests of the session may have started threads (DALI, torch) in this process
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         assert list(pool.map(_cold_check, [(str(tree), str(cache), 8)] * 2)) == [8, 8]
     cached = load_cache(cache, tree)
     assert cached is not None and len(cached.table) == 18
