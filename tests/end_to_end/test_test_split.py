@@ -1,14 +1,15 @@
 """The untouched test split in a real run: scored once at the end with the weights the run hands on, in
-eval.json and on the console; `eval --split test` gives the same figures; and a run with a test split
+eval.json and on the console; `eval --split test` gives the same figures (in 1 and 2 processes); and a run with a test split
 selects exactly what the same run without one selects."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
-from conftest import RESUME_SETS, assert_same_weights, history_without_timings, run_recipe
+from conftest import REPO, RESUME_SETS, assert_same_weights, history_without_timings, run_recipe, two_cpu_launcher
 
 from trainer.__main__ import main
 from trainer.run_folder import complete_checkpoints, read_state
@@ -70,3 +71,14 @@ def test_eval_command_scores_the_test_split_as_the_run_did(with_test, reference_
     assert main(["eval", str(reference_run), "--split", "test"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "has no test split" in err and "test_fraction" in err and err.count("\n") == 1
+
+
+def test_two_process_eval_of_the_test_split_counts_each_image_once(with_test, tmp_path, run_env):
+    run_dir, _ = with_test
+    out = tmp_path / "ddp.json"
+    cmd = two_cpu_launcher(29547) + ["-m", "trainer", "eval", str(run_dir), "--split", "test", "--out", str(out)]
+    done = subprocess.run(cmd, env={**run_env, "ACCELERATE_USE_CPU": "1"}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    section = json.loads((run_dir / "main" / "eval.json").read_text())["test"]
+    assert record["samples"] == TEST_IMAGES and record[section["source"]]["confusion"] == section["confusion"]
