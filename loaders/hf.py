@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders.sources import DataError, stratified_split
+from loaders.sources import DataError, stratified_three_way
 
 PREFIX = "hf:"
 VAL_SPLITS = ("validation", "val", "valid", "test")
@@ -104,18 +104,38 @@ def load(spec: str):
 
 
 def hf_splits(spec: str, val_fraction: float, seed: int) -> tuple[HFDatasetSource, HFDatasetSource]:
+    train, val, _ = hf_sources(spec, val_fraction, 0.0, seed)
+    return train, val
+
+
+def hf_sources(spec: str, val_fraction: float, test_fraction: float, seed: int) -> tuple[HFDatasetSource, HFDatasetSource, HFDatasetSource | None]:
+    """(train, val, test or None). Val is the first of VAL_SPLITS the dataset has, else a stratified
+    fraction of train. Test is the dataset's `test` split when it also has a validation split (with only
+    train and test, `test` stays the val split, as it always was); else with `test_fraction` > 0 a
+    stratified fraction of train, disjoint from val; else None."""
     loaded = load(spec)
+    val = test = None
     if hasattr(loaded, "keys"):  # DatasetDict
         if "train" not in loaded:
             raise DataError(f"{spec}: no 'train' split (splits: {list(loaded)})")
         train = as_source(loaded["train"])
-        for name in VAL_SPLITS:
-            if name in loaded:
-                val = as_source(loaded[name])
-                if val.classes != train.classes:
-                    raise DataError(f"{spec}: split {name!r} has classes {val.classes[:5]}..., train has {train.classes[:5]}...")
-                return train, val
+        val_name = next((name for name in VAL_SPLITS if name in loaded and name != "test"), None)
+        test_name = "test" if "test" in loaded else None
+        if val_name is None:  # only train and test: test is the val split, as it always was
+            val_name, test_name = test_name, None
+        held_out = {}
+        for name in (val_name, test_name):
+            if name is not None:
+                held_out[name] = as_source(loaded[name])
+                if held_out[name].classes != train.classes:
+                    raise DataError(f"{spec}: split {name!r} has classes {held_out[name].classes[:5]}..., train has {train.classes[:5]}...")
+        val, test = held_out.get(val_name), held_out.get(test_name)
+        if test is not None and test_fraction > 0:
+            raise DataError(f"{spec} has a test split already, and data.test_fraction={test_fraction} asks for another from train: set data.test_fraction=0")
     else:
         train = as_source(loaded)
-    train_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
-    return train.subset(train_idx), train.subset(val_idx)
+    if val is not None and (test is not None or test_fraction == 0):
+        return train, val, test
+    train_idx, val_idx, test_idx = stratified_three_way(train.labels, 0.0 if val is not None else val_fraction, test_fraction, seed)
+    val = val if val is not None else train.subset(val_idx)
+    return train.subset(train_idx), val, train.subset(test_idx) if test_fraction > 0 else None

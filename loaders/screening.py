@@ -60,7 +60,7 @@ class Finding:
     kind: str  # a key of KINDS
     path: str  # the file, the folder, or "hf row N"
     detail: str = ""
-    split: str = ""  # "train" or "val" (empty when it concerns the whole dataset)
+    split: str = ""  # "train", "val" or "test" (empty when it concerns the whole dataset)
 
     @property
     def action(self) -> str:
@@ -171,9 +171,24 @@ def screen_splits(train, val, policy: str, tables: list[HeaderTable] | None = No
     return train, val
 
 
-def screening_record(train, val, policy: str) -> dict:
+def screen_test(test, policy: str, table: HeaderTable | None = None):
+    """The test split screened as `screen_splits` screens val: bad files dropped ("skip") or listed in a
+    DataError ("stop"). A test class left without images is no error: the test split scores what it has."""
+    test = screen(test, "test", table)
+    bad = [f for f in test.findings if f.kind in BAD_KINDS]
+    if bad and policy == "stop":
+        listed = "\n".join(f"  test: {f.path}  ({f.kind}: {f.detail})" for f in bad[:50])
+        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+        raise DataError(
+            f"{len(bad)} bad image file(s) in the test split and data.bad_files='stop':\n{listed}{more}\n"
+            "fix or remove them, or set data.bad_files=skip to score without them"
+        )
+    return test
+
+
+def screening_record(train, val, policy: str, test=None) -> dict:
     """What the pre-training check found, as written to <run>/bad_files.json."""
-    findings = train.findings + val.findings
+    findings = train.findings + val.findings + (test.findings if test is not None else ())
     return {
         "policy": policy,
         "skipped": [f.to_dict() for f in findings if f.action == SKIP],

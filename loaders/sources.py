@@ -115,16 +115,18 @@ def _scan(root: Path, classes: tuple[str, ...] | None) -> tuple[ImageFolderSourc
     return ImageFolderSource(tuple(files), np.asarray(labels, dtype=np.int64), tuple(classes)), empty, extra
 
 
-def _layout_error(empty: list[str], extra: list[str], val_root: Path | None = None) -> DataError | None:
+def _layout_error(empty: list[str], extra: dict[Path, list[str]]) -> DataError | None:
+    """Empty class folders, and per held-out folder (val/, test/) its class folders that train lacks."""
     problems = []
     if empty:
         problems.append(
             f"empty class folders (no {'/'.join(IMAGE_SUFFIXES)} files): {empty[:10]}; add images or remove the folders"
         )
-    if extra:
-        problems.append(
-            f"{val_root} has class folders that train does not have: {extra[:10]}; every val class needs training images"
-        )
+    for held_out_root, names in extra.items():
+        if names:
+            problems.append(
+                f"{held_out_root} has class folders that train does not have: {names[:10]}; each of its classes needs training images"
+            )
     return DataError(f"{'; and '.join(problems)} ({_CHECK_HINT})") if problems else None
 
 
@@ -132,7 +134,7 @@ def scan_image_folder(root: str | os.PathLike, classes: tuple[str, ...] | None =
     """Index `root/<class>/*.jpg`. With `classes` given, labels follow that list (train's)."""
     root = Path(root)
     source, empty, extra = _scan(root, classes)
-    error = _layout_error(empty, extra, root)
+    error = _layout_error(empty, {root: extra})
     if error:
         raise error
     return source
@@ -142,35 +144,75 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     """Seeded per-class split: each class gives round(fraction * count) samples (at least 1) to val."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    train, val, _ = stratified_three_way(labels, val_fraction, 0.0, seed)
+    return train, val
+
+
+def stratified_three_way(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) indices, disjoint, per class: one seeded permutation of the class gives its first
+    round(val_fraction * count) samples (at least 1) to val and the next round(test_fraction * count) (at
+    least 1, while train keeps one) to test. Val is the same with or without a test split: a test split
+    only takes images from train."""
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise DataError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) with a sum under 1")
     rng = np.random.default_rng([seed, 0x5B117])
-    train_parts, val_parts = [], []
+    train_parts, val_parts, test_parts = [], [], []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         members = members[rng.permutation(len(members))]
-        n_val = max(1, int(round(val_fraction * len(members)))) if len(members) > 1 else 0
+        n_val = max(1, int(round(val_fraction * len(members)))) if len(members) > 1 and val_fraction > 0 else 0
+        n_test = max(0, min(max(1, int(round(test_fraction * len(members)))), len(members) - n_val - 1)) if test_fraction > 0 else 0
         val_parts.append(members[:n_val])
-        train_parts.append(members[n_val:])
-    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
+        test_parts.append(members[n_val : n_val + n_test])
+        train_parts.append(members[n_val + n_test :])
+    parts = [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in (train_parts, val_parts, test_parts)]
+    return parts[0], parts[1], parts[2]
 
 
 def image_folder_splits(
     root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[ImageFolderSource, ImageFolderSource]:
     """(train, val) from `root/train` + `root/val`, or from one folder split by a seeded stratified fraction."""
+    train, val, _ = image_folder_sources(root, val_fraction, 0.0, seed)
+    return train, val
+
+
+def image_folder_sources(
+    root: str | os.PathLike, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0
+) -> tuple[ImageFolderSource, ImageFolderSource, ImageFolderSource | None]:
+    """(train, val, test or None). Val is `root/val`, else a seeded stratified fraction of `root/train` (or
+    of `root` when it has no train/). Test is `root/test` when there is one (with train's classes, checked
+    like val), else with `test_fraction` > 0 a stratified fraction of the training images, disjoint from
+    val; else None."""
     root = Path(root)
     if (root / "train").is_dir():
         train, empty, _ = _scan(root / "train", None)
-        if not (root / "val").is_dir():
-            if empty:
-                raise _layout_error(empty, [])
-            train_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
-            return train.subset(train_idx), train.subset(val_idx)
-        # Train's and val's layout problems together, so one start shows them all.
-        val, val_empty, extra = _scan(root / "val", train.classes)
-        error = _layout_error(empty + val_empty, extra, root / "val")
+        if (root / "test").is_dir() and test_fraction > 0:
+            raise DataError(
+                f"{root / 'test'} is a test split already, and data.test_fraction={test_fraction} asks for another "
+                "from train: set data.test_fraction=0 to use the folder"
+            )
+        # Train's, val's and test's layout problems together, so one start shows them all.
+        held_out, extra = {}, {}
+        for split in ("val", "test"):
+            if (root / split).is_dir():
+                held_out[split], split_empty, extra[root / split] = _scan(root / split, train.classes)
+                empty += split_empty
+        error = _layout_error(empty, extra)
         if error:
             raise error
-        return train, val
+        if "val" in held_out and "test" in held_out:
+            return train, held_out["val"], held_out["test"]
+        # What train/ has to give: val when there is no val/, test when there is no test/ and test_fraction asks.
+        train_idx, val_idx, test_idx = stratified_three_way(
+            train.labels, 0.0 if "val" in held_out else val_fraction, test_fraction, seed
+        )
+        val = held_out["val"] if "val" in held_out else train.subset(val_idx)
+        test = held_out["test"] if "test" in held_out else (train.subset(test_idx) if test_fraction > 0 else None)
+        return train.subset(train_idx), val, test
     everything = scan_image_folder(root)
-    train_idx, val_idx = stratified_split(everything.labels, val_fraction, seed)
-    return everything.subset(train_idx), everything.subset(val_idx)
+    train_idx, val_idx, test_idx = stratified_three_way(everything.labels, val_fraction, test_fraction, seed)
+    test = everything.subset(test_idx) if test_fraction > 0 else None
+    return everything.subset(train_idx), everything.subset(val_idx), test

@@ -37,6 +37,12 @@ def tiny_imagenet(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_imagenet_with_test(tmp_path_factory) -> Path:
+    """tiny_imagenet's train and val, byte for byte (the same draws), and a test/ of 8 images per class."""
+    return write_image_folder(tmp_path_factory.mktemp("tiny-imagenet-test"), {"train": 32, "val": 8, "test": 8})
+
+
+@pytest.fixture(scope="session")
 def bad_folder(tmp_path_factory) -> Path:
     """48 train + 12 val good JPEGs, then every file fault of `bad_files`: 57 train files (54 usable), 15 val (14)."""
     from bad_files import inject_file_faults

@@ -242,12 +242,12 @@ def add_eval(subparsers) -> None:
         "eval",
         help="score a run's best checkpoint (model and EMA) or a bundle: top-1/5, P/R/F1, per class, confusion",
         description="Evaluate the best checkpoint of a run's last phase (its model and its EMA weights) or a "
-        "bundle on the val (or train) split, with training's own eval loader. Prints a table and writes the "
+        "bundle on the val (or train, or test) split, with training's own eval loader. Prints a table and writes the "
         "eval JSON (the schema of <run>/<phase>/eval.json). Works under accelerate launch; each image counts once.",
     )
     parser.add_argument("path", metavar="RUN_DIR|BUNDLE", help="a run folder (holds run.json) or a bundle folder (holds config.json)")
     parser.add_argument("--data", help="dataset folder (default: the run's data; a bundle outside a run needs it)")
-    parser.add_argument("--split", choices=("val", "train"), default="val", help="which split to score (default: val)")
+    parser.add_argument("--split", choices=("val", "train", "test"), default="val", help="which split to score (default: val)")
     parser.add_argument("--out", metavar="FILE.json", help="where the JSON goes (default: RUN_DIR|BUNDLE/eval-<split>.json)")
     parser.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     parser.set_defaults(command=run_eval, check=lambda args: None)

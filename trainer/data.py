@@ -1,4 +1,4 @@
-"""The recipe's data: its train and val sources (an ImageFolder, `builtin:digits` or a Hugging Face
+"""The recipe's data: its train, val (and test) sources (an ImageFolder, `builtin:digits` or a Hugging Face
 dataset) screened for bad files, what the screening found, and each phase's stratified subset."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch.distributed
 from loaders.digits import resolve_data_path
 from loaders.header_table import ALONE, Processes
 from loaders.hf import PREFIX as HF_PREFIX
-from loaders.hf import HFDatasetSource, hf_splits
-from loaders.screening import check_sources, screen_splits, screening_lines, screening_record
-from loaders.sources import ImageFolderSource, image_folder_splits, stratified_split
+from loaders.hf import HFDatasetSource, hf_sources
+from loaders.screening import check_sources, screen_splits, screen_test, screening_lines, screening_record
+from loaders.sources import ImageFolderSource, image_folder_sources, stratified_split
 from trainer.atomic import write_text_atomic
 from trainer.recipe import Recipe, RecipeError
 from trainer.run_folder import BAD_FILES, SUBSET_FILE, read_json
@@ -27,6 +27,9 @@ class Splits:
 
     train: ImageFolderSource | HFDatasetSource
     val: ImageFolderSource | HFDatasetSource
+    # The untouched test split (a test/ folder, an HF test split or data.test_fraction), scored once at the
+    # run's end (trainer.holdout); None when the data have none.
+    test: ImageFolderSource | HFDatasetSource | None = None
     check_note: str = ""  # what the structure check read and took from its cache, for the console
 
 
@@ -36,16 +39,18 @@ def load_splits(recipe: Recipe) -> Splits:
         raise RecipeError("no data: pass --data PATH (an ImageFolder) or set data.path in the recipe")
     root = None
     if recipe.data.path.startswith(HF_PREFIX):
-        train_src, val_src = hf_splits(recipe.data.path, recipe.data.val_fraction, recipe.seed)
+        train_src, val_src, test_src = hf_sources(recipe.data.path, recipe.data.val_fraction, recipe.data.test_fraction, recipe.seed)
     else:
         root = resolve_data_path(recipe.data.path)
-        train_src, val_src = image_folder_splits(root, recipe.data.val_fraction, recipe.seed)
+        train_src, val_src, test_src = image_folder_sources(root, recipe.data.val_fraction, recipe.data.test_fraction, recipe.seed)
     # Files the decoder would fail on are found here, by a header check (no decode): each process checks
     # its share of the files the header cache does not hold and all get every result, so all ranks and
     # every resume skip the same files (a function of the files' bytes).
-    tables, note = check_sources([train_src, val_src], root, run_processes())
-    train_src, val_src = screen_splits(train_src, val_src, recipe.data.bad_files, tables)
-    return Splits(train=train_src, val=val_src, check_note=note)
+    sources = [train_src, val_src] + ([test_src] if test_src is not None else [])
+    tables, note = check_sources(sources, root, run_processes())
+    train_src, val_src = screen_splits(train_src, val_src, recipe.data.bad_files, tables[:2])
+    test_src = screen_test(test_src, recipe.data.bad_files, tables[2]) if test_src is not None else None
+    return Splits(train=train_src, val=val_src, test=test_src, check_note=note)
 
 
 def run_processes() -> Processes:
@@ -80,7 +85,7 @@ def data_checksum(splits: Splits) -> str:
 def report_bad_files(splits: Splits, recipe: Recipe, run_path: Path, accelerator) -> None:
     """What the check before training skipped and what the decoder will convert: printed, and listed
     in <run>/bad_files.json (files a loader replaces later, mid-run, are logged as they are found)."""
-    record = screening_record(splits.train, splits.val, recipe.data.bad_files)
+    record = screening_record(splits.train, splits.val, recipe.data.bad_files, splits.test)
     path = run_path / BAD_FILES
     if splits.check_note:
         accelerator.print(splits.check_note)

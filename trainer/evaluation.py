@@ -1,5 +1,5 @@
 """Scoring saved weights, the work of `python -m trainer eval`: a run's best checkpoint (model and EMA) or
-an exported bundle, on the val or train split, through training's own DALI eval loader, as an eval.json
+an exported bundle, on the val, train or test split, through training's own DALI eval loader, as an eval.json
 record (`trainer.metrics.eval_report`), and that record as a readable table."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from trainer.run_folder import (
 )
 from trainer.transfer import ensure_head
 
-SPLITS = ("val", "train")
+SPLITS = ("val", "train", "test")
 PER_CLASS_ROWS = 30  # more classes than this: the table shows the lowest-accuracy ones (the JSON has all)
 
 
@@ -97,7 +97,13 @@ def evaluate_saved(path: str | Path, data: str | None = None, split: str = "val"
     else:
         raise RecipeError(f"{path} is neither a run folder (with {RUN_INFO}) nor a bundle (with {inference.CONFIG_FILE} and {inference.WEIGHTS_FILE})")
     splits = load_splits(target.recipe)
-    source = splits.val if split == "val" else splits.train
+    source = {"val": splits.val, "train": splits.train, "test": splits.test}[split]
+    if source is None:
+        raise RecipeError(
+            f"{path} has no test split: {target.recipe.data.path} has no test/ folder (nor a Hugging Face test split "
+            f"beside a validation one) and data.test_fraction is {target.recipe.data.test_fraction}; pass --data PATH "
+            "to a dataset with a test/ folder of the same classes, or train with one"
+        )
     if list(source.classes) != target.classes:
         raise DataError(
             f"the classes of {target.recipe.data.path} ({len(source.classes)}: {', '.join(list(source.classes)[:5])}, ...) "

@@ -25,6 +25,7 @@ from loaders.sources import DataError
 from trainer.atomic import remove_leftovers, write_text_atomic
 from trainer.checkpoint import Resumable, StorageError, TrainState, free_space
 from trainer.data import Splits, data_checksum, load_splits, phase_splits, report_bad_files
+from trainer.holdout import score_test
 from trainer.hub import push_in_background
 from trainer.loop import Diverged, train_phase
 from trainer.model import check_initial_weights, check_names, create_model, initialize
@@ -208,6 +209,10 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
         )
         info.phase_done(phase.name, state, model, subset_counts)
     signals.uninstall()
+    if splits.test is not None and len(splits.test):  # after the last phase: nothing that selects weights can see it
+        score_test(accelerator, recipe, run_path, model, splits.test)
+    elif splits.test is not None:
+        accelerator.print("test split: no images (each class too small for data.test_fraction to take one); not scored")
     accelerator.end_training()
     summary_lines, summary = throughput_summary(log.history())
     for line in summary_lines:
@@ -283,6 +288,7 @@ class RunInfo:
             data=recipe.data.path,
             train_images=len(splits.train),
             val_images=len(splits.val),
+            test_images=len(splits.test) if splits.test is not None else 0,
             classes=list(splits.train.classes),
             data_checksums=data_checksums,
         )

@@ -103,6 +103,10 @@ class Model:
 class Data:
     path: str = ""  # an ImageFolder (root/train + root/val, or one folder split below); "builtin:digits"; "hf:..."
     val_fraction: float = 0.2  # used only when there is no val/ folder: seeded stratified split
+    # An untouched test split, scored once at the run's end: the share of each class taken from the training
+    # images (seeded, stratified, disjoint from val) when the data have no test/ folder (or HF test split of
+    # their own). 0 = no test split, unless the data have one.
+    test_fraction: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     decode_device: str = "auto"  # "mixed" = nvJPEG on the GPU; "auto" picks it when CUDA is there
@@ -120,6 +124,9 @@ class Data:
     def __post_init__(self) -> None:
         _check_fields(self, "data.")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(0.0 <= self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
+               f"data.test_fraction must be in [0, 1) and leave training images beside data.val_fraction "
+               f"({self.val_fraction}), got {self.test_fraction}")
         _check(self.decode_device in DECODE_DEVICES, f"data.decode_device must be one of {DECODE_DEVICES}, got {self.decode_device!r}")
         _check(self.loader_threads >= 1, f"data.loader_threads must be >= 1, got {self.loader_threads}")
         _check(self.decode_mode in DECODE_MODES, f"data.decode_mode must be one of {DECODE_MODES}, got {_shown(self.decode_mode)}")

@@ -16,7 +16,7 @@ from PIL import Image
 from loaders import order
 from loaders.dali import EvalLoader, TrainAugment, TrainLoader
 from loaders.digits import digits_folder
-from loaders.sources import DataError, image_folder_splits, scan_image_folder, stratified_split
+from loaders.sources import DataError, image_folder_sources, image_folder_splits, scan_image_folder, stratified_split
 
 
 def test_train_val_layout(tiny_imagenet):
@@ -269,3 +269,7 @@ def test_digits_are_written_once_as_a_jpeg_image_folder(tmp_path):
     train, val = image_folder_splits(folder, val_fraction=0.2, seed=0)
     assert (len(train), len(val)) == (1438, 359)
     assert all(135 <= n <= 150 for n in train.class_counts().values())  # 80% of ~180 per class
+    # data.test_fraction: a stratified test split taken from the training images, val unchanged.
+    smaller, same_val, test = image_folder_sources(folder, val_fraction=0.2, test_fraction=0.1, seed=0)
+    assert same_val.files == val.files and len(smaller) + len(test) == 1438
+    assert set(test.files) <= set(train.files) and all(17 <= n <= 19 for n in test.class_counts().values())
