@@ -629,8 +629,8 @@ def early_stop_score(metric: str, val: dict, ema_val: dict | None) -> float:
         "ema_val_top1": ema_top1,
         "best_top1": max(val["top1"], ema_top1),
         "val_loss": -val["loss"],
-        "val_macro_f1": val["macro_f1"],
-        "val_balanced_accuracy": val["balanced_accuracy"],
+        "val_macro_f1": val.get("macro_f1", -math.inf),
+        "val_balanced_accuracy": val.get("balanced_accuracy", -math.inf),
     }[metric]
 
 
