@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -221,3 +222,24 @@ def test_curves_draw_train_accuracy_and_its_gap(tmp_path):
                 "lr": 1e-3, "total_step": 4 * (e + 1)} for e in range(3)]
     (tmp_path / HISTORY).write_text("".join(json.dumps(r) + "\n" for r in records))
     assert png_size(draw_curves(tmp_path)) == CURVES_SIZE_PX
+
+
+def test_a_recipe_wires_the_sampler_into_the_loader_and_the_weights_into_the_loss(skewed_folder):
+    from dataclasses import replace
+
+    from trainer.data import Splits
+
+    train, val = image_folder_splits(skewed_folder)
+    splits = Splits(train=train, val=val)
+    accelerator = Accelerator(cpu=True)
+    with temporary_runs() as tmp:
+        recipe = tiny_recipe(Path(tmp))
+        sampled = replace(recipe, data=replace(recipe.data, balance="sampler", decode_mode="roi", path=str(skewed_folder)))
+        loader, _ = loop.build_loaders(sampled, sampled.phases[0], 0, splits, accelerator)
+        assert loader.balance == "sampler"
+        weighted = replace(recipe, data=replace(recipe.data, balance="loss"))
+        model = timm.create_model("test_resnet", num_classes=3)
+        memory = MemoryLoader(make_batches(2))
+        parts = loop.set_up_phase(accelerator, weighted, 0, model, splits, make_loaders=lambda phase, acc: (memory, [memory.batches[0]]))
+    assert isinstance(parts.criterion, WeightedCrossEntropy)
+    assert parts.criterion.weight.tolist() == pytest.approx(class_weights([24, 8, 4]).tolist())
