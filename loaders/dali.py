@@ -553,8 +553,10 @@ class TrainLoader(DecodingStream):
         batch_multiple: int = 1,
         decode_mode: str = "auto",
         prefetch_depth: int = 2,
+        balance: str = "",
     ) -> None:
         self.source = source
+        self.balance = balance  # "sampler": class-balanced order with replacement (order.balanced_train_order)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -598,6 +600,7 @@ class TrainLoader(DecodingStream):
             "num_samples": len(self.source),
             "world_size": self.world_size,
             "batch_size": self.batch_size,
+            "balance": self.balance,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -605,6 +608,11 @@ class TrainLoader(DecodingStream):
             raise ValueError(
                 f"checkpoint was written for seed {state['seed']} and {state['num_samples']} training "
                 f"images; this run has seed {self.seed} and {len(self.source)}. Resume with the same data and seed."
+            )
+        if state.get("balance", "") != self.balance:
+            raise ValueError(
+                f"checkpoint was written with data.balance={state.get('balance', '')!r}, this run has {self.balance!r}: "
+                "the sample order differs. Resume with the same data.balance."
             )
         batch = state["batch"]
         written = (state.get("world_size", self.world_size), state.get("batch_size", self.batch_size))
@@ -642,15 +650,12 @@ class TrainLoader(DecodingStream):
         key = (epoch, len(self.guard.bad))
         if self._tables is not None and self._tables.key == key:
             return self._tables
-        indices = order.train_order(
-            len(self.source),
-            seed=self.seed,
-            epoch=epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            batch_size=self.batch_size,
-        )
-        draws = augment_draws(len(self.source), seed=self.seed, epoch=epoch, aug=self.augment)[indices]
+        placing = dict(seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size)
+        if self.balance == "sampler":
+            indices, draw_rows = order.balanced_train_order(self.source.labels, **placing)
+        else:
+            indices = draw_rows = order.train_order(len(self.source), **placing)
+        draws = augment_draws(len(self.source), seed=self.seed, epoch=epoch, aug=self.augment)[draw_rows]
         fed = indices.copy()  # the sample each position decodes: a bad sample's stand-in, with the bad sample's draws
         heights, widths = sizes[indices, 0], sizes[indices, 1]
         if stand_in is not None:

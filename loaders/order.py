@@ -31,6 +31,28 @@ def train_order(num_samples: int, *, seed: int, epoch: int, rank: int, world_siz
     return mine[: batches * batch_size]
 
 
+def balanced_train_order(
+    labels: np.ndarray, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`train_order` for `data.balance="sampler"`: (samples, draw rows) rank `rank` trains on in `epoch`.
+
+    The epoch's global sequence is len(labels) draws with replacement, each sample weighted
+    1 / (samples of its class), so every class is drawn equally often on average; it is dealt
+    round-robin to ranks and cut to whole batches as `train_order` deals its permutation (same length,
+    same position arithmetic, so resume, also on another number of processes, works the same way).
+    A rare class's images repeat within an epoch, so the augmentation draws are keyed by the position
+    in the global sequence (the second array), not by sample: each repeat gets its own crop and flip.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of {world_size}")
+    labels = np.asarray(labels, dtype=np.int64)
+    weights = 1.0 / np.bincount(labels)[labels]
+    drawn = np.random.default_rng([seed, epoch, 0xBA1]).choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
+    per_rank = len(labels) // world_size
+    rows = np.arange(per_rank * world_size)[rank::world_size][: (per_rank // batch_size) * batch_size]
+    return drawn[rows], rows
+
+
 def eval_batches(num_samples: int, world_size: int, batch_size: int) -> int:
     return math.ceil(math.ceil(num_samples / world_size) / batch_size)
 

@@ -8,13 +8,13 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loaders.headers import BadFile, Header, file_headers
 from loaders.recovery import decode_failures
 from loaders.screening import KINDS, STOP, Finding, header_findings
-from loaders.sources import IMAGE_SUFFIXES, class_dirs, image_files
+from loaders.sources import IMAGE_SUFFIXES, class_balance, class_dirs, image_files, imbalance_hint
 
 
 @dataclass
@@ -25,6 +25,8 @@ class DatasetReport:
     images: dict[str, int]  # per split
     findings: list[Finding]
     decoded: bool
+    # per split: {"counts": usable images per class, "ratio": largest/smallest class} (loaders.sources.class_balance)
+    balance: dict[str, dict] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -41,6 +43,7 @@ class DatasetReport:
         return {
             "root": self.root, "layout": self.layout, "classes": self.classes, "images": self.images,
             "decoded": self.decoded, "exit_code": self.exit_code, "counts": self.counts(),
+            "class_balance": self.balance, "imbalance_hint": imbalance_hint(*self.balance.values()),
             "findings": [f.to_dict() for f in self.findings],
         }
 
@@ -150,6 +153,8 @@ def scan_dataset(
         root=str(root), layout=layout, classes=sorted(found.get(train_split, {})),
         images={split: sum(len(files) for files in classes.values()) for split, classes in found.items()},
         findings=findings, decoded=decode,
+        balance={split_of[split] or "all": class_balance({name: sum(p not in bad_paths for p in files) for name, files in classes.items()})
+                 for split, classes in found.items()},
     )
 
 
@@ -159,6 +164,7 @@ def report_lines(report: DatasetReport, shown: int = 10) -> Iterable[str]:
     yield f"{report.root}: {report.layout}, {len(report.classes)} classes, {images or 0} images" + (
         "" if report.decoded else " (structure only, not decoded)"
     )
+    yield from balance_lines(report.balance)
     counts = report.counts()
     if not counts:
         yield "no problems found"
@@ -177,3 +183,16 @@ def report_lines(report: DatasetReport, shown: int = 10) -> Iterable[str]:
             yield f"  {f.path}" + (f"  ({f.detail})" if f.detail else "")
         if len(members) > shown:
             yield f"  ... and {len(members) - shown} more (--json lists all)"
+
+
+def balance_lines(balance: dict[str, dict], shown: int = 20) -> Iterable[str]:
+    """Images per class (usable ones) and the largest/smallest ratio per split, then the hint when unbalanced."""
+    for split, summary in balance.items():
+        counts = summary["counts"]
+        ratio = f"{summary['ratio']:.1f}" if summary["ratio"] is not None else "inf (an empty class)"
+        listed = ", ".join(f"{name} {n}" for name, n in list(counts.items())[:shown])
+        more = f", ... {len(counts) - shown} more" if len(counts) > shown else ""
+        yield f"{split}: imbalance ratio {ratio} (largest/smallest class); per class: {listed}{more}"
+    hint = imbalance_hint(*balance.values())
+    if hint:
+        yield f"hint: {hint}"

@@ -216,3 +216,34 @@ def image_folder_sources(
     train_idx, val_idx, test_idx = stratified_three_way(everything.labels, val_fraction, test_fraction, seed)
     test = everything.subset(test_idx) if test_fraction > 0 else None
     return everything.subset(train_idx), everything.subset(val_idx), test
+
+
+# -- class balance ---------------------------------------------------------------------------------
+
+# Above this largest/smallest class ratio, check-data and a run say what an unbalanced set can use.
+IMBALANCE_HINT_RATIO = 3.0
+IMBALANCE_HINT = (
+    "classes are unbalanced (largest/smallest {ratio:.1f} > {limit:g}): consider data.balance=sampler "
+    "(class-balanced order) or data.balance=loss (class-weighted loss), and phases.N.early_stop_metric="
+    "val_macro_f1 or val_balanced_accuracy (top-1 flatters an unbalanced val set)"
+)
+
+
+def class_balance(counts: dict[str, int]) -> dict:
+    """{"counts": images per class, "ratio": largest / smallest class (None with an empty class or none)}."""
+    values = list(counts.values())
+    ratio = max(values) / min(values) if values and min(values) > 0 else None
+    return {"counts": dict(counts), "ratio": ratio}
+
+
+def label_balance(labels: np.ndarray, classes: list[str] | tuple[str, ...]) -> dict:
+    """`class_balance` of a source's labels (bad-file stand-ins and all: the labels as a run reads them)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    return class_balance({name: int(n) for name, n in zip(classes, counts)})
+
+
+def imbalance_hint(*balances: dict) -> str | None:
+    """The hint when any split's ratio is above IMBALANCE_HINT_RATIO (an empty class counts as above), else None."""
+    ratios = [b["ratio"] if b["ratio"] is not None else float("inf") for b in balances if b["counts"]]
+    worst = max(ratios, default=0.0)
+    return IMBALANCE_HINT.format(ratio=worst, limit=IMBALANCE_HINT_RATIO) if worst > IMBALANCE_HINT_RATIO else None

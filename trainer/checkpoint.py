@@ -20,7 +20,14 @@ from accelerate.utils import gather_object
 from safetensors import SafetensorError
 
 from trainer import atomic
-from trainer.run_folder import STATE_FILE, checkpoint_name, complete_checkpoints, newest_checkpoint, read_state
+from trainer.run_folder import (
+    STATE_FILE,
+    checkpoint_name,
+    complete_checkpoints,
+    newest_checkpoint,
+    rank_score,
+    read_state,
+)
 
 DISK_FULL_BYTES = 1 << 20  # less free than this after a failed write: the disk filled up
 
@@ -40,6 +47,7 @@ class TrainState:
     best_epoch: int = -1
     last_val: dict[str, float] = field(default_factory=dict)
     epoch_loss_sum: float = 0.0  # summed train loss of `epoch` up to `batch`, all processes
+    epoch_correct: float = 0.0  # train top-1 hits of `epoch` up to `batch`, all processes
     early_best: float = -1e30  # early stopping: best score so far (higher is better)
     early_bad_epochs: int = 0  # epochs since it improved
     stopped_early: bool = False
@@ -121,11 +129,14 @@ def _write_error(err: Exception, folder: Path) -> str:
     return f"No space left on device ({said})"
 
 
-def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_top1: float | None, keep_best_k: int) -> Path:
+def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_top1: float | None, keep_best_k: int,
+                    rank_score: float | None = None) -> Path:
     """Write a complete checkpoint or none: every process writes its part into a temporary folder,
     then the main process adds trainer_state.json and renames the folder into place. Older
     checkpoints are pruned only after that rename. A write error on any process (a full disk, a
-    read-only filesystem) removes the temporary folder and raises StorageError on every process."""
+    read-only filesystem) removes the temporary folder and raises StorageError on every process.
+    `rank_score` (default: `val_top1`) ranks the checkpoint among the phase's best: the phase's
+    early_stop_metric when that is val_macro_f1 or val_balanced_accuracy (`run_folder.rank_score`)."""
     checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / checkpoint_name(state.total_step)
     tmp = atomic.staging_path(final)  # every process writes into it: the same name on all of them
@@ -153,7 +164,7 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_t
     failure = _first_failure(accelerator, failure)
     if accelerator.is_main_process and not failure:
         try:
-            (tmp / STATE_FILE).write_text(json.dumps({**state.state_dict(), "val_top1": val_top1}, indent=2))
+            (tmp / STATE_FILE).write_text(json.dumps({**state.state_dict(), "val_top1": val_top1, "rank_score": val_top1 if rank_score is None else rank_score}, indent=2))
             # Durable: accelerate writes its files without fsync. A folder already at `final` is the
             # same step saved twice (an epoch end on a checkpoint_every_steps boundary): replaced.
             atomic.swap_in(tmp, final, durable=True)
@@ -176,13 +187,14 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, state: TrainState, val_t
 
 
 def prune(checkpoints_dir: Path, keep_best_k: int) -> list[Path]:
-    """Keep the newest checkpoint and the `keep_best_k` best by val top-1; remove the rest."""
+    """Keep the newest checkpoint and the `keep_best_k` best by `rank_score` (val top-1 unless the phase
+    stops on a class-averaged metric); remove the rest."""
     found = [(p, read_state(p)) for p in complete_checkpoints(checkpoints_dir)]
     if not found:
         return []
     newest = max(found, key=lambda item: item[1]["total_step"])[0]
-    scored = [item for item in found if item[1].get("val_top1") is not None]
-    scored.sort(key=lambda item: (item[1]["val_top1"], item[1]["total_step"]), reverse=True)
+    scored = [item for item in found if rank_score(item[1]) is not None]
+    scored.sort(key=lambda item: (rank_score(item[1]), item[1]["total_step"]), reverse=True)
     keep = {newest} | {p for p, _ in scored[:keep_best_k]}
     removed = []
     for path, _ in found:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class RunSummary:
     images_per_s: float | None
     parameters: int | None
     history: list[dict[str, Any]]
+    # per phase, from run.json: {"total", "trainable", "frozen"} (empty for runs trained before they were recorded)
+    phase_parameters: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _weights_file(run_dir: Path) -> Path | None:
@@ -108,6 +110,7 @@ def summarize_run(run_dir: str | os.PathLike) -> RunSummary:
         images_per_s=float(np.mean(speeds)) if speeds else None,
         parameters=parameter_count(weights) if weights is not None else None,
         history=history,
+        phase_parameters={name: done["params"] for name, done in info.get("phases", {}).items() if done.get("params")},
     )
 
 
@@ -134,6 +137,12 @@ def comparison_table(runs: list[RunSummary]) -> list[str]:
         top5 = f"{r.best_top5:.4f}" if r.best_top5 is not None else "-"
         speed = f"{r.images_per_s:.0f}" if r.images_per_s is not None else "-"
         lines.append(f"{r.name:<{width}}  {top1:>15}  {top5:>10}  {r.epochs:>6}  {_duration(r.wall_s):>8}  {speed:>9}  {_parameters(r.parameters):>10}")
+    for r in runs:
+        if r.phase_parameters:
+            lines.append(f"{r.name} parameters: " + "; ".join(
+                f"{phase} {_parameters(p['trainable'])} trainable, {_parameters(p['frozen'])} frozen of {_parameters(p['total'])}"
+                for phase, p in r.phase_parameters.items()
+            ))
     if any(r.wall_s is None for r in runs):
         lines.append("wall: '-' where run.json has no wall_s (runs trained before it was recorded)")
     return lines

@@ -64,7 +64,7 @@ def _metrics(run_dir: Path, info: dict, recipe: Recipe, index: int, ckpt: Path, 
         top1, top5 = last_val.get("ema_top1"), record.get("ema_val_top5")
     else:
         top1, top5 = last_val.get("top1"), last_val.get("top5", record.get("val_top5"))
-    keep = ("best_top1", "best_source", "best_epoch", "last_val", "steps", "stopped_early")
+    keep = ("best_top1", "best_source", "best_epoch", "last_val", "steps", "stopped_early", "params")
     phases = {name: {k: v for k, v in done.items() if k in keep} for name, done in info.get("phases", {}).items()}
     return {"top1": top1, "top5": top5, "source": source, "phase": phase.name, "epoch": epoch, "phases": phases}
 
@@ -114,6 +114,18 @@ def _write_examples(recipe: Recipe, classes: list[str], folder: Path) -> tuple[i
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def parameter_table(phases: dict[str, dict], recipe: Recipe) -> str:
+    """The card's parameters per phase (trainable and frozen as each phase started), or "" for a run
+    trained before run.json recorded them."""
+    rows = [
+        f"| {phase.name} | {done['params']['total']:,} | {done['params']['trainable']:,} | {done['params']['frozen']:,} |"
+        for phase in recipe.phases if (done := phases.get(phase.name)) and done.get("params")
+    ]
+    if not rows:
+        return ""
+    return "\n## Parameters per phase\n\n| phase | total | trainable | frozen |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
 def model_card(config: dict, info: dict, recipe: Recipe, examples: int, note: str) -> str:
@@ -178,7 +190,7 @@ validation images, {config['num_classes']} classes: {shown}.
 | phase | epochs | best top-1 | from | best epoch | last top-1 (model / EMA) | stopped early |
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
-
+{parameter_table(metrics["phases"], recipe)}
 ## How to use
 
 Preprocessing: resize the shorter side to floor({size} / {config['crop_fraction']}) px (bilinear, antialiased),

@@ -16,12 +16,13 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from loaders.dali import dali_device_id, preflight_decode, resolve_decode_device
-from loaders.sources import DataError
+from loaders.sources import DataError, imbalance_hint, label_balance
 from trainer.atomic import remove_leftovers, write_text_atomic
 from trainer.checkpoint import Resumable, StorageError, TrainState, free_space
 from trainer.data import Splits, data_checksum, load_splits, phase_splits, report_bad_files
@@ -29,6 +30,7 @@ from trainer.holdout import score_test
 from trainer.hub import push_in_background
 from trainer.loop import Diverged, train_phase
 from trainer.model import check_initial_weights, check_names, create_model, initialize
+from trainer.optim import class_weights
 from trainer.preemption import Preempted, StopSignals
 from trainer.recipe import Recipe, RecipeError, resolve_recipe
 from trainer.run_folder import (
@@ -41,7 +43,7 @@ from trainer.run_folder import (
     read_state,
 )
 from trainer.tracking import RunLog, start_trackers, throughput_summary
-from trainer.transfer import ensure_head
+from trainer.transfer import ensure_head, parameter_counts
 
 # Exit codes (besides 0): each says whether a checkpoint was written and what to do next.
 EXIT_BAD_INPUT = 2  # a recipe, argument or dataset problem found before any work
@@ -177,6 +179,8 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
     check_initial_weights(recipe, num_classes, read_state(resume_from)["phase_index"] + 1 if resume_from else 0)
     info = RunInfo(run_path, accelerator, recipe, splits)
     accelerator.print(f"run folder: {run_path}")
+    if info.record["class_balance"]["hint"]:
+        accelerator.print(f"hint: {info.record['class_balance']['hint']}")
     report_bad_files(splits, recipe, run_path, accelerator)
     if recipe.logging.wandb:
         config = {**recipe.to_dict(), "git": info.record["git"], "num_processes": accelerator.num_processes}
@@ -203,11 +207,12 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
             accelerator.print(f"[{phase.name}] init: {initialize(model, recipe, phase, run_path)}")
         ensure_head(model, phase.head, num_classes, phase.head_dropout)
         data, subset_counts = phase_splits(splits, recipe, index, run_path, accelerator)
+        params = parameter_counts(model, phase)  # before training: freezing as the phase starts
         state = train_phase(
             accelerator, recipe, index, model, data, run_path, state, resumable, log,
             resume_from=resume_from if resuming else None, signals=signals,
         )
-        info.phase_done(phase.name, state, model, subset_counts)
+        info.phase_done(phase.name, state, model, subset_counts, params=params, loss_weights=phase_loss_weights(recipe, data))
     signals.uninstall()
     if splits.test is not None and len(splits.test):  # after the last phase: nothing that selects weights can see it
         score_test(accelerator, recipe, run_path, model, splits.test)
@@ -291,6 +296,7 @@ class RunInfo:
             test_images=len(splits.test) if splits.test is not None else 0,
             classes=list(splits.train.classes),
             data_checksums=data_checksums,
+            class_balance=run_class_balance(recipe, splits),
         )
         record.setdefault("phases", {})
         self.record = record
@@ -309,7 +315,8 @@ class RunInfo:
         if self.accelerator.is_main_process:
             write_text_atomic(self.path, json.dumps(self.record, indent=2))
 
-    def phase_done(self, name: str, state: TrainState, model: torch.nn.Module, subset_counts: dict) -> None:
+    def phase_done(self, name: str, state: TrainState, model: torch.nn.Module, subset_counts: dict,
+                   params: dict | None = None, loss_weights: dict | None = None) -> None:
         """The phase's results, with a checksum of the weights from every process: DDP must leave them identical."""
         checksums = gather_object([parameter_checksum(model)])
         if self.accelerator.is_main_process:
@@ -322,10 +329,36 @@ class RunInfo:
                 "param_checksums": checksums,
                 "subset_class_counts": subset_counts,
                 "stopped_early": state.stopped_early,
+                "params": params,  # total, trainable, frozen (trainer.transfer.parameter_counts)
             }
+            if loss_weights is not None:
+                self.record["phases"][name]["loss_weights"] = loss_weights
             self.update(wall_s=self.wall_before_s + time.time() - self.session_start_s)
         if len(set(checksums)) != 1:
             raise RuntimeError(f"weights differ across processes after phase {name}: {checksums}")
+
+
+def run_class_balance(recipe: Recipe, splits: Splits) -> dict:
+    """run.json's class_balance: images per class and the largest/smallest ratio of train and val, the hint
+    when unbalanced, data.balance, and with data.balance="loss" the weights from the train counts."""
+    classes = list(splits.train.classes)
+    train, val = label_balance(splits.train.labels, classes), label_balance(splits.val.labels, classes)
+    record = {"train": train, "val": val, "hint": imbalance_hint(train, val), "balance": recipe.data.balance}
+    if recipe.data.balance == "loss":
+        record["loss_weights"] = class_weight_table(splits.train.labels, classes)
+        record["loss_weights_formula"] = "n / (k * count_c): n train images, k classes with images, count_c images of class c"
+    return record
+
+
+def class_weight_table(labels, classes: list[str]) -> dict[str, float]:
+    """data.balance="loss"'s weight per class name (trainer.optim.class_weights of the label counts)."""
+    weights = class_weights(np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes)))
+    return {name: float(w) for name, w in zip(classes, weights)}
+
+
+def phase_loss_weights(recipe: Recipe, data: Splits) -> dict[str, float] | None:
+    """The weights a phase trained with (its own train images: a subset's counts when it has one)."""
+    return class_weight_table(data.train.labels, list(data.train.classes)) if recipe.data.balance == "loss" else None
 
 
 def parameter_checksum(model: torch.nn.Module) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 from timm.data.random_erasing import RandomErasing
@@ -30,9 +31,16 @@ from trainer.curves import redraw_curves
 from trainer.data import Splits
 from trainer.metrics import eval_report, evaluate, sample_indices, sample_predictions
 from trainer.model import configure_device
-from trainer.optim import GuardedUpdate, PlateauLR, build_criterion, build_optimizer, capture_steps_on_device
+from trainer.optim import (
+    GuardedUpdate,
+    PlateauLR,
+    build_criterion,
+    build_optimizer,
+    capture_steps_on_device,
+    class_weights,
+)
 from trainer.preemption import Preempted, StopSignals
-from trainer.recipe import Phase, Recipe
+from trainer.recipe import CLASS_AVERAGED_METRICS, Phase, Recipe
 from trainer.run_folder import CHECKPOINTS_DIR, EVAL_FILE, checkpoint_name, read_state
 from trainer.tracking import RunLog, log_phase_eval, write_eval_json
 from trainer.transfer import apply_freeze, freeze_batchnorm_stats, frozen_group_count, stage_groups
@@ -112,6 +120,7 @@ def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, 
         # "auto" was decided once for the run by trainer.launch (a trial decode); a loader built
         # elsewhere (doctor) decides it itself.
         decode_mode=recipe.data.decode_mode,
+        balance=recipe.data.balance,
         **_loader_args(recipe, accelerator),
     )
     return loader, build_eval_loader(recipe, phase, data.val, accelerator)
@@ -201,7 +210,10 @@ def set_up_phase(accelerator, recipe: Recipe, phase_index: int, model: torch.nn.
     # Freezing is a function of the epoch; set it before DDP wraps the model (DDP syncs only the
     # parameters that are trainable when it wraps).
     frozen = apply_freeze(raw_model, phase, start_epoch)
-    mixup, criterion = build_criterion(phase, raw_model.num_classes)
+    weights = None
+    if recipe.data.balance == "loss":  # from this phase's train images (its subset, when it has one)
+        weights = class_weights(np.bincount(data.train.labels, minlength=raw_model.num_classes)).to(device)
+    mixup, criterion = build_criterion(phase, raw_model.num_classes, weights)
     # timm's RandomErasing on the normalised batch, per sample (its draws come from the restored RNGs).
     eraser = RandomErasing(phase.random_erasing, mode="pixel", device=str(device)) if phase.random_erasing else None
     precision = resolve_precision(phase.precision, device)
@@ -271,6 +283,7 @@ class EpochTally:
 
     loss_sum: torch.Tensor
     bad_loss: torch.Tensor
+    correct: torch.Tensor  # train top-1 hits so far (on the device, like loss_sum): the label with the larger Mixup weight
     images_seen: int = 0
     skipped: int = 0
     res_px: int = 0  # what the model saw in the latest batch
@@ -337,6 +350,7 @@ class PhaseRun:
         self.tally = EpochTally(
             loss_sum=torch.tensor(self.state.epoch_loss_sum if accelerator.is_main_process else 0.0, dtype=torch.float64, device=device),
             bad_loss=torch.zeros((), dtype=torch.bool, device=device),
+            correct=torch.tensor(self.state.epoch_correct if accelerator.is_main_process else 0.0, dtype=torch.float64, device=device),
         )
         loader = parts.loader
         self.bar = tqdm(
@@ -364,11 +378,15 @@ class PhaseRun:
         last_micro_batch = parts.loader.batch % accum == 0
         with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(parts.model):
             with parts.autocast:
-                loss = parts.criterion(parts.model(images), targets)
+                logits = parts.model(images)
+                loss = parts.criterion(logits, targets)
             accelerator.backward((loss if parts.scaler is None else parts.scaler.scale(loss)) / accum)
         finite = torch.isfinite(loss.detach())
         tally.bad_loss |= ~finite
         tally.loss_sum += torch.where(finite, loss.detach().double(), 0.0) * labels.shape[0]
+        # train_top1 from the batch as trained: under Mixup/CutMix the class with the larger weight (no host read).
+        truth = targets.argmax(dim=1) if targets.ndim == 2 else targets
+        tally.correct += (logits.detach().argmax(dim=1) == truth).sum()
         tally.images_seen += labels.shape[0] * accelerator.num_processes
         tally.res_px = int(images.shape[-1])
         self.bar.update(1)
@@ -497,6 +515,7 @@ class PhaseRun:
         state.epoch, state.batch = epoch + 1, 0
         samples = parts.loader.batches_per_epoch * phase.batch_size_per_device * accelerator.num_processes
         train_loss = float(accelerator.reduce(tally.loss_sum.clone(), reduction="sum")) / samples
+        train_top1 = float(accelerator.reduce(tally.correct.clone(), reduction="sum")) / samples
         val = evaluate(parts.model, parts.val_loader, accelerator, parts.autocast)
         ema_val = evaluate(parts.ema.module, parts.val_loader, accelerator, parts.autocast) if parts.ema is not None else None
         for source, scores in (("model", val), ("ema", ema_val)):
@@ -507,12 +526,17 @@ class PhaseRun:
             "phase": phase.name,
             "epoch": epoch,
             "train_loss": train_loss,
+            "train_top1": train_top1,
             "val_loss": val["loss"],
             "val_top1": val["top1"],
             "val_top5": val["top5"],
             "val_samples": val["samples"],
             "ema_val_top1": ema_val["top1"] if ema_val else None,
             "ema_val_top5": ema_val["top5"] if ema_val else None,
+            "val_macro_f1": val["macro_f1"],
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "ema_val_macro_f1": ema_val["macro_f1"] if ema_val else None,
+            "ema_val_balanced_accuracy": ema_val["balanced_accuracy"] if ema_val else None,
             "lr": parts.optimizer.param_groups[0]["lr"],
             "res_px": tally.res_px,
             "images_per_s": tally.images_seen / max(train_seconds, 1e-9),
@@ -524,6 +548,9 @@ class PhaseRun:
         if accelerator.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         state.last_val = {"top1": val["top1"], "top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None}
+        rank_by = rank_metric(phase.early_stop_metric)
+        if rank_by != "top1":  # "best" (checkpoint ranking, model or EMA) follows the phase's class-averaged metric
+            state.last_val.update(rank_by=rank_by, **{rank_by: val[rank_by], f"ema_{rank_by}": ema_val[rank_by] if ema_val else None})
         if isinstance(parts.scheduler, PlateauLR):
             parts.scheduler.epoch_end(val["top1"])
             parts.scheduler.step_update(state.step)
@@ -543,8 +570,10 @@ class PhaseRun:
             redraw_curves(self.run_dir)
             self.curves_drawn_at = time.monotonic()
         tally.loss_sum.zero_()
-        state.epoch_loss_sum = 0.0
-        saved = self.checkpoint(max(val["top1"], ema_val["top1"] if ema_val else -math.inf))
+        tally.correct.zero_()
+        state.epoch_loss_sum = state.epoch_correct = 0.0
+        saved = self.checkpoint(max(val["top1"], ema_val["top1"] if ema_val else -math.inf),
+                                max(val[rank_by], ema_val[rank_by] if ema_val else -math.inf))
         if state.stopped_early:
             accelerator.print(f"[{phase.name}] early stop: {phase.early_stop_metric} did not improve for {phase.early_stop_patience} epochs")
         # A signal during evaluation or the checkpoint just written (or at the epoch's last step): that
@@ -554,7 +583,7 @@ class PhaseRun:
             raise Preempted(stop_signal, saved, state.total_step)
         return val, ema_val
 
-    def checkpoint(self, val_top1: float | None) -> Path:
+    def checkpoint(self, val_top1: float | None, rank_score: float | None = None) -> Path:
         # Fold the epoch's running loss into the saved state, on every run alike, so a resumed run
         # adds up its losses in the same order as one that never stopped.
         accelerator, tally = self.accelerator, self.tally
@@ -563,7 +592,12 @@ class PhaseRun:
         if accelerator.is_main_process:
             tally.loss_sum.add_(total)
         self.state.epoch_loss_sum = float(total)
-        return save_checkpoint(accelerator, self.checkpoints_dir, self.state, val_top1, self.phase.keep_best_k)
+        correct = accelerator.reduce(tally.correct.clone(), reduction="sum")  # train_top1's hits, folded the same way
+        tally.correct.zero_()
+        if accelerator.is_main_process:
+            tally.correct.add_(correct)
+        self.state.epoch_correct = float(correct)
+        return save_checkpoint(accelerator, self.checkpoints_dir, self.state, val_top1, self.phase.keep_best_k, rank_score)
 
     def finish_phase(self, scores: tuple[dict, dict | None] | None) -> None:
         """eval.json (and W&B's confusion matrix and predictions) for the weights as they are now. The
@@ -595,7 +629,15 @@ def early_stop_score(metric: str, val: dict, ema_val: dict | None) -> float:
         "ema_val_top1": ema_top1,
         "best_top1": max(val["top1"], ema_top1),
         "val_loss": -val["loss"],
+        "val_macro_f1": val.get("macro_f1", -math.inf),
+        "val_balanced_accuracy": val.get("balanced_accuracy", -math.inf),
     }[metric]
+
+
+def rank_metric(early_stop_metric: str) -> str:
+    """What ranks a phase's checkpoints ("best") and picks model or EMA weights: the class-averaged score
+    the phase stops on (`macro_f1`, `balanced_accuracy`), else top-1."""
+    return early_stop_metric.removeprefix("val_") if early_stop_metric in CLASS_AVERAGED_METRICS else "top1"
 
 
 def record_phase_eval(accelerator, recipe: Recipe, phase: Phase, run_dir: Path, val_source, raw_model: torch.nn.Module,

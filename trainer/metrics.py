@@ -46,12 +46,30 @@ def evaluate(model: torch.nn.Module, loader, accelerator, autocast, num_classes:
     n = max(int(real.sum()), 1)
     # One bincount over (true, predicted) pairs: cheap enough to run every epoch.
     confusion = torch.bincount(labels_all * num_classes + top_k[:, 0], minlength=num_classes * num_classes)
+    confusion = confusion.reshape(num_classes, num_classes).cpu().numpy()
     return {
         "top1": float(hits[:, 0].sum()) / n,
         "top5": float(hits.any(dim=1).sum()) / n,
         "loss": float(losses.sum()) / n,
         "samples": int(real.sum()),
-        "confusion": confusion.reshape(num_classes, num_classes).cpu().numpy(),
+        "confusion": confusion,
+        **class_averaged(confusion),
+    }
+
+
+def class_averaged(confusion: np.ndarray) -> dict[str, float]:
+    """The scores an unbalanced val set does not flatter, from `confusion[true, predicted]` (gathered from
+    every process, each sample once): `macro_f1`, F1 averaged over the classes that occur (as true or
+    predicted), and `balanced_accuracy`, recall averaged over the classes that occur as true labels.
+    The same conventions as scikit-learn's f1_score(average="macro") and balanced_accuracy_score."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    correct, support, predicted = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    precision, recall = _ratio(correct, predicted), _ratio(correct, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    occurring, true_classes = (support + predicted) > 0, support > 0
+    return {
+        "macro_f1": float(f1[occurring].mean()) if occurring.any() else 0.0,
+        "balanced_accuracy": float(recall[true_classes].mean()) if true_classes.any() else 0.0,
     }
 
 

@@ -80,8 +80,40 @@ class PlateauLR:
         self.best, self.bad_epochs, self.cuts = state["best"], state["bad_epochs"], state["cuts"]
 
 
-def build_criterion(phase: Phase, num_classes: int):
-    """(mixup or None, loss): timm's Mixup/CutMix makes soft targets, which need a soft-target loss."""
+def class_weights(counts) -> torch.Tensor:
+    """`data.balance="loss"`'s weight per class from the train counts: w_c = n / (k * count_c), n images in
+    k classes (those with images). Normalised so that the weights averaged over the training images are 1
+    (sum_c count_c w_c = n): the loss keeps its scale on the train distribution, and so does the LR that
+    suits it, while a class with a tenth of the images weighs ten times as much per image. A class
+    without images gets 0."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    present = int((counts > 0).sum())
+    weights = torch.where(counts > 0, counts.sum() / (max(present, 1) * counts.clamp(min=1)), 0.0)
+    return weights.float()
+
+
+class WeightedCrossEntropy(torch.nn.Module):
+    """Cross-entropy with class weights for hard labels (with label smoothing) and soft targets (Mixup/CutMix)
+    alike: torch's `cross_entropy(weight=...)` per sample, -sum_c w_c y_c log p_c with y the (smoothed or
+    mixed) target, averaged over the batch. torch's own mean divides hard-label batches by the sum of their
+    targets' weights but soft-target batches by their size; dividing both by the size keeps a Mixup batch
+    and a plain one on one scale."""
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(
+            logits, targets, weight=self.weight, label_smoothing=self.label_smoothing, reduction="none"
+        ).mean()
+
+
+def build_criterion(phase: Phase, num_classes: int, weights: torch.Tensor | None = None):
+    """(mixup or None, loss): timm's Mixup/CutMix makes soft targets, which need a soft-target loss.
+    `weights` (`class_weights`, data.balance="loss"): class-weighted CE, or BCE with each class's term
+    (its column) times its weight."""
     mixup = None
     if phase.mixup_alpha or phase.cutmix_alpha:
         mixup = Mixup(
@@ -94,7 +126,11 @@ def build_criterion(phase: Phase, num_classes: int):
         )
     if phase.bce_loss:
         # With mixup the targets already carry the smoothing; timm's RSB recipes threshold at 0.2.
-        loss = BinaryCrossEntropy(target_threshold=0.2) if mixup else BinaryCrossEntropy(smoothing=phase.label_smoothing)
+        loss = (BinaryCrossEntropy(target_threshold=0.2, weight=weights) if mixup
+                else BinaryCrossEntropy(smoothing=phase.label_smoothing, weight=weights))
+    elif weights is not None:
+        # With mixup the targets already carry the smoothing.
+        loss = WeightedCrossEntropy(weights, 0.0 if mixup else phase.label_smoothing)
     elif mixup:
         loss = SoftTargetCrossEntropy()
     else:

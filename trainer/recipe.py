@@ -18,6 +18,7 @@ from loaders.screening import BAD_FILE_POLICIES
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODE_DEVICES = ("auto", "cpu", "mixed")
 DECODE_MODES = ("auto", "roi", "full")
+BALANCE_MODES = ("", "sampler", "loss")
 COMPILE_MODES = ("auto", "on", "off")
 MAX_PREFETCH_DEPTH = 16
 INT_MAX = 2**31 - 1  # DALI, numpy seeds and torch take many of these as 32-bit integers
@@ -120,9 +121,14 @@ class Data:
     # training: "skip" = train without them, listed in <run>/bad_files.json; "stop" = exit 2 with the list.
     # Greyscale, CMYK, 16-bit, palette and alpha images are converted to RGB either way.
     bad_files: str = "skip"
+    # Unbalanced classes: "" = train on the data as it is; "sampler" = each epoch's order drawn with
+    # replacement, every class equally likely; "loss" = cross-entropy (or BCE) with class weights
+    # n / (k * count_c) from the train counts (run.json lists them).
+    balance: str = ""
 
     def __post_init__(self) -> None:
         _check_fields(self, "data.")
+        _check(self.balance in BALANCE_MODES, f"data.balance must be one of {BALANCE_MODES}, got {_shown(self.balance)}")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(0.0 <= self.test_fraction < 1.0 and self.val_fraction + self.test_fraction < 1.0,
                f"data.test_fraction must be in [0, 1) and leave training images beside data.val_fraction "
@@ -136,7 +142,9 @@ class Data:
 
 
 SCHEDULES = ("cosine", "step", "onecycle", "plateau", "tanh", "poly")
-EARLY_STOP_METRICS = ("val_top1", "ema_val_top1", "best_top1", "val_loss")
+EARLY_STOP_METRICS = ("val_top1", "ema_val_top1", "best_top1", "val_loss", "val_macro_f1", "val_balanced_accuracy")
+# early_stop_metric values that also rank a phase's checkpoints ("best"): top-1 otherwise.
+CLASS_AVERAGED_METRICS = ("val_macro_f1", "val_balanced_accuracy")
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,10 @@ class Phase:
     decay_rate: float = 0.1  # step schedule: factor at each decay
     plateau_patience_epochs: int = 2  # plateau schedule: epochs without val top-1 gain before LR x decay_rate
     early_stop_patience: int = 0  # stop the phase after this many epochs without improvement; 0 = off
-    early_stop_metric: str = "best_top1"  # val_top1, ema_val_top1, best_top1 (model or EMA), val_loss
+    # val_top1, ema_val_top1, best_top1 (model or EMA), val_loss, val_macro_f1, val_balanced_accuracy (the
+    # model's; these two also rank the phase's checkpoints, by the better of model and EMA, instead of
+    # top-1: for unbalanced val sets, which top-1 flatters)
+    early_stop_metric: str = "best_top1"
     label_smoothing: float = 0.0
     bce_loss: bool = False  # binary cross-entropy per class (timm), as in ResNet-strikes-back
     mixup_alpha: float = 0.0  # timm Mixup; 0 = off

@@ -122,9 +122,16 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return best[1] if best else None
 
 
+def rank_score(state: dict[str, Any]) -> float | None:
+    """What ranks a checkpoint among its phase's best: its `rank_score` (the better of model and EMA by
+    the phase's val_macro_f1 or val_balanced_accuracy when it stops on one, else by top-1), or, in a
+    checkpoint written before that key, its val top-1. None for a checkpoint taken mid-epoch."""
+    return state.get("rank_score", state.get("val_top1"))
+
+
 def best_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
     scored = [(read_state(p), p) for p in complete_checkpoints(checkpoints_dir)]
-    scored = [(s["val_top1"], s["total_step"], p) for s, p in scored if s.get("val_top1") is not None]
+    scored = [(rank_score(s), s["total_step"], p) for s, p in scored if rank_score(s) is not None]
     return max(scored)[2] if scored else None
 
 
@@ -174,13 +181,15 @@ def checkpoint_weight_sets(checkpoint_dir: str | os.PathLike) -> dict[str, dict]
 
 def checkpoint_weights(checkpoint_dir: str | os.PathLike) -> tuple[dict, str, str]:
     """The better weights of a checkpoint: (state dict, "ema" or "model", a description). The EMA's
-    when its val top-1 at that checkpoint beat the model's and it was saved, else the model's."""
+    when its val top-1 at that checkpoint beat the model's and it was saved, else the model's (by the
+    phase's macro F1 or balanced accuracy instead of top-1 when it stops on one: `last_val["rank_by"]`)."""
     from safetensors.torch import load_file
 
     ckpt = Path(checkpoint_dir)
     scores = read_state(ckpt).get("last_val", {})
-    if scores.get("ema_top1") is not None and scores["ema_top1"] > scores.get("top1", -1):
-        ema = _ema_weights(ckpt)
+    key = scores.get("rank_by", "top1")
+    if scores.get(f"ema_{key}") is not None and scores[f"ema_{key}"] > scores.get(key, -1):
+        ema, named = _ema_weights(ckpt), "top-1" if key == "top1" else key.replace("_", " ")
         if ema is not None:
-            return ema, "ema", f"EMA weights of {ckpt} (EMA top-1 {scores['ema_top1']:.4f} > model {scores['top1']:.4f})"
+            return ema, "ema", f"EMA weights of {ckpt} (EMA {named} {scores[f'ema_{key}']:.4f} > model {scores[key]:.4f})"
     return load_file(str(ckpt / MODEL_FILE)), "model", f"weights of {ckpt}"

@@ -58,6 +58,7 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 # history.jsonl's keys and their names on W&B: one epoch record feeds history.jsonl, W&B and the console.
 EPOCH_SCALARS = {
     "train_loss": ("train/epoch_loss",),
+    "train_top1": ("train/top1",),
     "images_per_s": ("train/images_per_s", "system/images_per_s"),
     "data_wait_share": ("system/data_wait_share",),
     "step_ms_p50": ("system/step_ms_p50",),
@@ -68,6 +69,10 @@ EPOCH_SCALARS = {
     "val_top5": ("val/top5",),
     "ema_val_top1": ("ema_val/top1",),
     "ema_val_top5": ("ema_val/top5",),
+    "val_macro_f1": ("val/macro_f1",),
+    "val_balanced_accuracy": ("val/balanced_accuracy",),
+    "ema_val_macro_f1": ("ema_val/macro_f1",),
+    "ema_val_balanced_accuracy": ("ema_val/balanced_accuracy",),
     "gpu_mem_gib": ("system/gpu_mem_gib",),
 }
 
@@ -89,9 +94,11 @@ class RunLog:
         scalars = {name: record[key] for key, names in EPOCH_SCALARS.items() if record.get(key) is not None for name in names}
         self.accelerator.log({**scalars, "epoch": record["epoch"] + 1}, step=record["total_step"])
         ema = f"  ema_val_top1 {record['ema_val_top1']:.4f}" if record.get("ema_val_top1") is not None else ""
+        train_top1 = f"  train_top1 {record['train_top1']:.4f}" if record.get("train_top1") is not None else ""
+        f1 = f"  val_macro_f1 {record['val_macro_f1']:.4f}" if record.get("val_macro_f1") is not None else ""
         self.accelerator.print(
-            f"[{record['phase']} {record['epoch'] + 1}/{epochs}] train_loss {record['train_loss']:.4f}  "
-            f"val_top1 {record['val_top1']:.4f}{ema}  {record['images_per_s']:.0f} img/s"
+            f"[{record['phase']} {record['epoch'] + 1}/{epochs}] train_loss {record['train_loss']:.4f}{train_top1}  "
+            f"val_top1 {record['val_top1']:.4f}{ema}{f1}  {record['images_per_s']:.0f} img/s"
         )
 
     def step(self, record: dict[str, Any], epoch_progress: float | None = None) -> None:

@@ -82,6 +82,22 @@ def apply_freeze(model: torch.nn.Module, phase: Phase, epoch: int) -> int:
     return frozen
 
 
+def parameter_counts(model: torch.nn.Module, phase: Phase) -> dict[str, int]:
+    """Parameters of `model` as `phase` trains it, without touching requires_grad: total, trainable and
+    frozen in its first epoch, and with an unfreeze schedule the trainable ones of its last epoch too."""
+    groups = stage_groups(model)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+
+    def frozen_in(epoch: int) -> int:
+        return sum(sizes[n] for g in groups[: frozen_group_count(phase, len(groups), epoch)] for n in g)
+
+    total, frozen = sum(sizes.values()), frozen_in(0)
+    counts = {"total": total, "trainable": total - frozen, "frozen": frozen}
+    if phase.unfreeze_at:
+        counts["trainable_last_epoch"] = total - frozen_in(phase.epochs - 1)
+    return counts
+
+
 def build_optimizer_groups(model: torch.nn.Module, phase: Phase, lr: float):
     """timm's optimizer over every parameter (frozen ones too, so unfreezing needs no new optimizer):
     no weight decay on norms and biases; a lower LR on the backbone by `backbone_lr_mult` (as

@@ -98,6 +98,7 @@ def test_early_stop_scores_are_higher_is_better():
     val, ema = {"top1": 0.5, "loss": 2.0}, {"top1": 0.6}
     assert early_stop_score("best_top1", val, ema) == 0.6
     assert early_stop_score("val_loss", val, None) == -2.0
+    assert early_stop_score("val_macro_f1", {**val, "macro_f1": 0.4}, ema) == 0.4
 
 
 def test_lr_schedule_is_exponential_from_start_to_end():

@@ -1,0 +1,88 @@
+"""A real run on a skewed folder with data.balance="loss" and early stopping on macro F1: the counts, ratio,
+hint and class weights in run.json and on the console, parameter counts per phase (run.json, model card,
+compare), history's train top-1 and class-averaged scores, the checkpoint ranking; and check-data's
+report of the same folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+from conftest import CLASSES, FAST, REPO, run_recipe, write_image_folder
+
+from trainer.compare import comparison_table, summarize_run
+from trainer.export import parameter_table
+from trainer.recipe import recipe_from_dict
+from trainer.run_folder import HISTORY, best_checkpoint, complete_checkpoints, read_jsonl, read_state
+
+TRAIN, VAL = (32, 8, 4), (8, 8, 2)  # ratio 8 in train, 4 in val
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    root = write_image_folder(tmp_path_factory.mktemp("skewed"), {"train": 32, "val": 8})
+    for split, keep in (("train", TRAIN), ("val", VAL)):
+        for wnid, count in zip(CLASSES, keep):
+            for extra in sorted((root / split / wnid).iterdir())[count:]:
+                extra.unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def weighted_run(tmp_path_factory, skewed, run_env):
+    run_dir = tmp_path_factory.mktemp("runs") / "weighted"
+    sets = FAST + ["phases.0.epochs=2", "phases.0.ema_decay=0.9", "data.balance=loss", "phases.0.early_stop_metric=val_macro_f1",
+                   "phases.0.keep_best_k=1", "logging.wandb=false"]
+    done = run_recipe("quickstart.py", "--data", str(skewed), "--run-dir", str(run_dir), env=run_env, sets=sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir, done
+
+
+def test_run_json_has_counts_ratio_weights_and_parameters(weighted_run):
+    run_dir, done = weighted_run
+    info = json.loads((run_dir / "run.json").read_text())
+    balance = info["class_balance"]
+    assert balance["train"] == {"counts": dict(zip(CLASSES, TRAIN)), "ratio": 8.0}
+    assert balance["val"] == {"counts": dict(zip(CLASSES, VAL)), "ratio": 4.0}
+    assert balance["balance"] == "loss" and "data.balance=sampler" in balance["hint"]
+    assert f"hint: {balance['hint']}" in done.stdout
+    n, k = sum(TRAIN), len(TRAIN)
+    expected = {c: n / (k * count) for c, count in zip(CLASSES, TRAIN)}
+    assert balance["loss_weights"] == pytest.approx(expected)
+    assert info["phases"]["main"]["loss_weights"] == pytest.approx(expected)
+    total = sum(p.numel() for p in timm.create_model("resnet10t", num_classes=3).parameters())
+    assert info["phases"]["main"]["params"] == {"total": total, "trainable": total, "frozen": 0}
+    recipe = recipe_from_dict(json.loads((run_dir / "recipe.json").read_text()))
+    assert f"| main | {total:,} | {total:,} | 0 |" in parameter_table(info["phases"], recipe)
+    assert any(line.startswith("weighted parameters: main") and "trainable, 0 frozen" in line
+               for line in comparison_table([summarize_run(run_dir)]))
+
+
+def test_history_has_train_top1_and_class_averaged_scores_that_rank_checkpoints(weighted_run):
+    run_dir, done = weighted_run
+    history = read_jsonl(run_dir / HISTORY)
+    assert len(history) == 2
+    for record in history:
+        for key in ("train_top1", "val_macro_f1", "val_balanced_accuracy", "ema_val_macro_f1", "ema_val_balanced_accuracy"):
+            assert 0 <= record[key] <= 1, key
+    assert "train_top1" in done.stdout and "val_macro_f1" in done.stdout
+    checkpoints = [read_state(c) for c in complete_checkpoints(run_dir / "main" / "checkpoints")]
+    for state in checkpoints:
+        record = history[state["epoch"] - 1]
+        assert state["rank_score"] == max(record["val_macro_f1"], record["ema_val_macro_f1"])
+        assert state["last_val"]["rank_by"] == "macro_f1"
+    best = read_state(best_checkpoint(run_dir / "main" / "checkpoints"))
+    assert best["rank_score"] == max(max(r["val_macro_f1"], r["ema_val_macro_f1"]) for r in history)
+
+
+def test_check_data_reports_the_ratio_and_the_hint(skewed, run_env):
+    done = subprocess.run([sys.executable, "-m", "trainer", "check-data", str(skewed), "--structure-only"],
+                          cwd=REPO, env=run_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("train: imbalance ratio 8.0 (largest/smallest class)") for line in lines), done.stdout
+    assert any(line.startswith("val: imbalance ratio 4.0") for line in lines)
+    assert any(line.startswith("hint: classes are unbalanced") and "data.balance=loss" in line for line in lines)
