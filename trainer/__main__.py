@@ -1,4 +1,4 @@
-"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare, check-data, doctor.
+"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare, check-data, doctor, import-weights.
 
 Argument parsing only: each command's module is imported when that command is chosen, so
 `python -m trainer --help` and `compare` load neither torch nor DALI.
@@ -473,9 +473,33 @@ def run_doctor(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+# -- import-weights --------------------------------------------------------------------------------
+
+
+def add_import_weights(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "import-weights",
+        help="map another implementation's weights onto a timm architecture, for model.pretrained_file",
+        description="Read a state dict (.pth/.pt/.bin torch file, weights only, or .safetensors), match its tensors "
+        "to timm's ARCH in order and shape (BatchNorm's num_batches_tracked and non-tensor entries aside), and write "
+        "them under timm's names as a .safetensors file that model.pretrained_file takes. Refuses, naming the first "
+        "tensor where the two part, when they do not match.",
+    )
+    parser.add_argument("file", metavar="FILE", help="the foreign weights file")
+    parser.add_argument("--arch", required=True, help="timm architecture, e.g. efficientnet_lite0")
+    parser.add_argument("--out", required=True, metavar="X.safetensors", help="the file to write (replaced if there)")
+    parser.set_defaults(command=run_import_weights, check=lambda args: None)
+
+
+def run_import_weights(args: argparse.Namespace) -> None:
+    from trainer.foreign_weights import import_weights
+
+    print(import_weights(args.file, args.arch, args.out))
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
-SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find, add_export, add_predict, add_push, add_eval, add_report, add_compare, add_check_data, add_doctor)  # a new subcommand: one more add_<name> here
+SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find, add_export, add_predict, add_push, add_eval, add_report, add_compare, add_check_data, add_doctor, add_import_weights)  # a new subcommand: one more add_<name> here
 
 
 def main(argv: list[str] | None = None) -> int:

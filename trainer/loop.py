@@ -38,6 +38,7 @@ from trainer.optim import (
     build_optimizer,
     capture_steps_on_device,
     class_weights,
+    ema_decay_for,
 )
 from trainer.preemption import Preempted, StopSignals
 from trainer.recipe import CLASS_AVERAGED_METRICS, Phase, Recipe
@@ -206,7 +207,9 @@ def set_up_phase(accelerator, recipe: Recipe, phase_index: int, model: torch.nn.
     raw_model = model.to(device)
     optimizer, scheduler = build_optimizer(raw_model, phase, lr, loader.batches_per_epoch // phase.grad_accum_steps)
     capture_steps_on_device(optimizer, device)
-    ema = ModelEmaV3(raw_model, decay=phase.ema_decay, use_warmup=phase.ema_warmup) if with_ema and phase.ema_decay > 0 else None
+    # The EMA starts as a copy of the phase's initial weights (the earlier phase's best in a chain).
+    updates = loader.batches_per_epoch // phase.grad_accum_steps * phase.epochs
+    ema = ModelEmaV3(raw_model, decay=ema_decay_for(phase, updates), use_warmup=phase.ema_warmup) if with_ema and phase.ema_decay > 0 else None
     # Freezing is a function of the epoch; set it before DDP wraps the model (DDP syncs only the
     # parameters that are trainable when it wraps).
     frozen = apply_freeze(raw_model, phase, start_epoch)
@@ -559,7 +562,7 @@ class PhaseRun:
             state.early_best, state.early_bad_epochs = score, 0
         else:
             state.early_bad_epochs += 1
-        state.stopped_early = bool(phase.early_stop_patience and state.early_bad_epochs >= phase.early_stop_patience)
+        state.stopped_early = stops_early(phase, epoch, state.early_bad_epochs)
         record["early_stopped"] = state.stopped_early
         self.log.epoch(record, phase.epochs)
         # curves.png, redrawn from history.jsonl (a plotting error is printed, never raised). A redraw
@@ -619,6 +622,15 @@ def step_time_percentiles_ms(batch_seconds: list[float]) -> dict[str, float]:
         return {"step_ms_p50": 0.0, "step_ms_p90": 0.0, "step_ms_p99": 0.0}
     p50, p90, p99 = torch.tensor(batch_seconds, dtype=torch.float64).quantile(torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
     return {"step_ms_p50": p50 * 1e3, "step_ms_p90": p90 * 1e3, "step_ms_p99": p99 * 1e3}
+
+
+def stops_early(phase: Phase, epoch: int, bad_epochs: int) -> bool:
+    """Whether the phase ends after `epoch` (0-based) with `bad_epochs` epochs in a row without
+    improvement: `early_stop_patience` of them, and not before `early_stop_after` of the phase's epochs
+    have run (a pure function of the epoch and the counter, which resume restores)."""
+    if not phase.early_stop_patience or bad_epochs < phase.early_stop_patience:
+        return False
+    return epoch + 1 >= math.ceil(phase.early_stop_after * phase.epochs)
 
 
 def early_stop_score(metric: str, val: dict, ema_val: dict | None) -> float:

@@ -47,6 +47,16 @@ def build_optimizer(model: torch.nn.Module, phase: Phase, lr: float, updates_per
     return optimizer, scheduler
 
 
+def ema_decay_for(phase: Phase, updates: int) -> float:
+    """The EMA's decay for a phase of `updates` optimizer updates: `ema_decay`, or with `ema_horizon` the
+    decay whose averaging window (1 / (1 - decay) updates) is that fraction of the phase, at most
+    `ema_decay`: 0.999 on a phase of 30 updates would leave the EMA at the weights it started from."""
+    if not phase.ema_horizon:
+        return phase.ema_decay
+    window = max(1.0, phase.ema_horizon * updates)
+    return min(phase.ema_decay, 1.0 - 1.0 / window)
+
+
 class PlateauLR:
     """Linear warmup, then the LR times `decay_rate` whenever val top-1 has not improved for more than
     `patience_epochs` epochs. Written here because timm's PlateauLRScheduler is deprecated and does

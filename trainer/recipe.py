@@ -178,6 +178,9 @@ class Phase:
     # model's; these two also rank the phase's checkpoints, by the better of model and EMA, instead of
     # top-1: for unbalanced val sets, which top-1 flatters)
     early_stop_metric: str = "best_top1"
+    # Early stopping may end the phase only once this fraction of its epochs has run: a stop before the
+    # schedule has brought the LR down keeps weights trained at a high LR. 0 = from the first epoch on.
+    early_stop_after: float = 0.0
     label_smoothing: float = 0.0
     bce_loss: bool = False  # binary cross-entropy per class (timm), as in ResNet-strikes-back
     mixup_alpha: float = 0.0  # timm Mixup; 0 = off
@@ -190,6 +193,10 @@ class Phase:
     color_jitter: float = 0.0  # brightness/contrast/saturation strength (timm's 0.4 convention); 0 = off
     ema_decay: float = 0.0  # 0 turns EMA off; 0.9998 is timm's ImageNet default
     ema_warmup: bool = False  # timm's EMA warmup: decay ramps up from 0 (helps short runs)
+    # > 0: the EMA's decay follows the phase's length: it averages over about this fraction of the phase's
+    # updates (decay = 1 - 1 / (ema_horizon x updates)), at most ema_decay. 0.999 averages over ~1000
+    # updates, more than a small folder's phase has; 0 = ema_decay as given.
+    ema_horizon: float = 0.0
     res_px: int = 224  # train crop size (at the start of a ramp)
     res_px_end: int = 0  # progressive resizing: the size at the end of the ramp; 0 = fixed res_px
     res_ramp_epochs: tuple[int, int] = (0, 0)  # ramp linearly between these epochs (ffcv-style)
@@ -257,6 +264,9 @@ class Phase:
         _check(0 <= self.min_lr_ratio <= 1, f"{p}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(0 <= self.label_smoothing < 1, f"{p}: label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(0 <= self.ema_decay < 1, f"{p}: ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(0 <= self.ema_horizon <= 1, f"{p}: ema_horizon must be in [0, 1] (a fraction of the phase's updates), got {self.ema_horizon}")
+        _check(not self.ema_horizon or self.ema_decay > 0, f"{p}: ema_horizon needs the EMA on: set ema_decay (its upper bound, e.g. 0.9998)")
+        _check(0 <= self.early_stop_after <= 1, f"{p}: early_stop_after must be in [0, 1] (a fraction of the phase's epochs), got {self.early_stop_after}")
         _check(self.res_px >= 8 and self.eval_res_px >= 8, f"{p}: res_px and eval_res_px must be >= 8, got {self.res_px} and {self.eval_res_px}")
         _check(max(self.res_px, self.res_px_end, self.eval_res_px) <= MAX_RES_PX, f"{p}: res_px, res_px_end and eval_res_px must be <= {MAX_RES_PX}, got {self.res_px}, {self.res_px_end} and {self.eval_res_px}")
         _check(0 < self.eval_crop_fraction <= 1, f"{p}: eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")

@@ -7,9 +7,9 @@ import pytest
 import timm
 import torch
 
-from trainer.loop import early_stop_score, resolve_precision
+from trainer.loop import early_stop_score, resolve_precision, stops_early
 from trainer.lr_find import lr_at, range_test, steepest_descent
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, ema_decay_for
 from trainer.recipe import Phase
 
 
@@ -170,3 +170,22 @@ def test_adam_counts_steps_on_the_device_only_on_cuda():
     optimizer.param_groups[0]["capturable"] = True  # as a GPU run's checkpoint brings it back
     capture_steps_on_device(optimizer, torch.device("cpu"))
     assert optimizer.param_groups[0]["capturable"] is False
+
+
+def test_ema_horizon_follows_the_phase_length():
+    """A 144-photo folder's phase of 40 updates averages over its last ~4; 100,000 photos keep ema_decay."""
+    assert ema_decay_for(Phase(ema_decay=0.999), 40) == 0.999  # no horizon: as given
+    short = ema_decay_for(Phase(ema_decay=0.9998, ema_horizon=0.1), 40)
+    assert short == pytest.approx(0.75) and 0.999**40 > 0.96  # 0.999 would keep 96 % of the initial weights
+    assert ema_decay_for(Phase(ema_decay=0.9998, ema_horizon=0.1), 25_000) == pytest.approx(0.9996)
+    assert ema_decay_for(Phase(ema_decay=0.9998, ema_horizon=0.1), 10**7) == 0.9998  # capped
+    assert ema_decay_for(Phase(ema_decay=0.9998, ema_horizon=0.1), 3) == 0.0  # a window under one update: no averaging
+
+
+def test_early_stopping_waits_for_early_stop_after():
+    phase = Phase(epochs=8, early_stop_patience=2, early_stop_after=0.5)
+    assert not stops_early(phase, 2, bad_epochs=2)  # epoch 3 of 8: the schedule is not half done
+    assert stops_early(phase, 3, bad_epochs=2)  # epoch 4 of 8
+    assert not stops_early(phase, 5, bad_epochs=1)
+    assert stops_early(Phase(epochs=8, early_stop_patience=2), 1, bad_epochs=2)  # 0: from the first epoch on
+    assert not stops_early(Phase(epochs=8), 7, bad_epochs=7)  # patience 0: off

@@ -60,6 +60,9 @@ def test_unknown_top_level_key_and_unknown_phase():
         ("phases.0=3", "names a whole phase"),
         ("model=resnet", "is a section"),
         ("epochs", "is not key=value"),
+        ("phases.0.ema_horizon=0.1", "ema_horizon needs the EMA on"),
+        ("phases.0.ema_horizon=1.5", "ema_horizon must be in"),
+        ("phases.0.early_stop_after=-0.1", "early_stop_after must be in"),
     ],
 )
 def test_bad_values_are_recipe_errors(override, expected):
