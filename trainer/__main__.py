@@ -185,7 +185,8 @@ def run_predict(args: argparse.Namespace) -> None:
     cams = gradcam_paths(args.gradcam, len(images)) if args.gradcam else [None] * len(images)
     records = []
     for name, image, top, cam_path in zip(args.images, images, results, cams):
-        record = {"image": name, "top": [{"class": c, "prob": p} for c, p in top]}
+        # "class": the folder name the model was trained on; "name": what people call it ("tench" for n01440764).
+        record = {"image": name, "top": [{"class": bundle.classes[bundle.names.index(n)], "name": n, "prob": p} for n, p in top]}
         if cam_path is not None:
             _, overlay = gradcam(bundle, image)
             cam_path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def run_predict(args: argparse.Namespace) -> None:
     for record in records:
         print(record["image"])
         for rank, item in enumerate(record["top"], 1):
-            print(f"  {rank:>2}. {item['prob']:7.2%}  {item['class']}")
+            print(f"  {rank:>2}. {item['prob']:7.2%}  {item['name']}" + (f"  ({item['class']})" if item["name"] != item["class"] else ""))
         if "gradcam" in record:
             print(f"  grad-cam: {record['gradcam']}")
 
