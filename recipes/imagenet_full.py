@@ -3,6 +3,24 @@
     accelerate launch --multi_gpu --num_processes 8 recipes/imagenet_full.py --data /mnt/imagenet
 
 `--data` is the usual ImageNet folder: train/n01440764/*.JPEG ... and val/n01440764/*.JPEG.
+ImageNet arrives with train/ in class folders (ILSVRC2012_img_train.tar holds one tar per wnid) but
+val/ flat, 50,000 ILSVRC2012_val_000xxxxx.JPEG files with the labels in a separate file. Lay it out as
+
+    /mnt/imagenet/train/n01440764/n01440764_10026.JPEG ...   (1,000 class folders, 1,281,167 images)
+    /mnt/imagenet/val/ILSVRC2012_val_00000001.JPEG ...       (flat, as distributed)
+
+then link val/ into class folders with one command, from either label file:
+
+    python -m trainer prepare-imagenet /mnt/imagenet/val --labels LOC_val_solution.csv   # the Kaggle copy
+    python -m trainer prepare-imagenet /mnt/imagenet/val \
+        --labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt       # the devkit (reads data/meta.mat)
+
+It makes val/<wnid>/ILSVRC2012_val_*.JPEG as hard links (symlinks across filesystems; nothing is
+copied, the flat files stay and training reads only the class folders), refuses a folder that does not
+match the label file, and changes nothing when run again. On a read-only mount, pass
+--out /writable/imagenet/val and symlink /mnt/imagenet/train beside it. The bundle, `eval`, the report
+and the Space then name the classes ("tench" for n01440764) from timm's ImageNet metadata.
+
 Hyperparameters come from three published recipes, named beside each value: FFCV's ResNet-50
 configs (short SGD schedules with progressive 160→192 px training), timm's ResNet-strikes-back A3
 (LAMB, BCE, Mixup/CutMix, RandAugment m6, 160 px train / 224 px test, 78.1% in 100 epochs) and

@@ -71,7 +71,8 @@ def describe(config: dict) -> tuple[str, str]:
     if metrics.get("source") == "ema":
         score += " (EMA weights)"
     _, height, width = config.get("input_size", [3, "?", "?"])
-    shown = ", ".join(classes[:12]) + (f", … ({len(classes) - 12} more)" if len(classes) > 12 else "")
+    names = config.get("display_names") or classes  # "tench" for ImageNet's n01440764; folder names otherwise
+    shown = ", ".join(names[:12]) + (f", … ({len(names) - 12} more)" if len(names) > 12 else "")
     description = (
         f"timm `{config.get('architecture')}` trained with the imgcls recipe `{config.get('recipe', '?')}`: "
         f"{len(classes)} classes, {score}, input {width}×{height}.\n\n"

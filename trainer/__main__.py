@@ -1,4 +1,4 @@
-"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare, check-data, doctor, import-weights.
+"""`python -m trainer <command>`: tools around recipes and runs: lr-find, export (run → bundle), predict, push, eval, report, compare, check-data, doctor, import-weights, prepare-imagenet.
 
 Argument parsing only: each command's module is imported when that command is chosen, so
 `python -m trainer --help` and `compare` load neither torch nor DALI.
@@ -185,7 +185,8 @@ def run_predict(args: argparse.Namespace) -> None:
     cams = gradcam_paths(args.gradcam, len(images)) if args.gradcam else [None] * len(images)
     records = []
     for name, image, top, cam_path in zip(args.images, images, results, cams):
-        record = {"image": name, "top": [{"class": c, "prob": p} for c, p in top]}
+        # "class": the folder name the model was trained on; "name": what people call it ("tench" for n01440764).
+        record = {"image": name, "top": [{"class": bundle.classes[bundle.names.index(n)], "name": n, "prob": p} for n, p in top]}
         if cam_path is not None:
             _, overlay = gradcam(bundle, image)
             cam_path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def run_predict(args: argparse.Namespace) -> None:
     for record in records:
         print(record["image"])
         for rank, item in enumerate(record["top"], 1):
-            print(f"  {rank:>2}. {item['prob']:7.2%}  {item['class']}")
+            print(f"  {rank:>2}. {item['prob']:7.2%}  {item['name']}" + (f"  ({item['class']})" if item["name"] != item["class"] else ""))
         if "gradcam" in record:
             print(f"  grad-cam: {record['gradcam']}")
 
@@ -497,9 +498,43 @@ def run_import_weights(args: argparse.Namespace) -> None:
     print(import_weights(args.file, args.arch, args.out))
 
 
+# -- prepare-imagenet ------------------------------------------------------------------------------
+
+
+def add_prepare_imagenet(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare-imagenet",
+        help="link ImageNet's flat val folder into val/<wnid>/ from LOC_val_solution.csv or the devkit's ground truth",
+        description="Link the 50,000 flat ILSVRC2012_val_*.JPEG files of ImageNet's validation folder into "
+        "OUT/<wnid>/ (hard links on the same filesystem, else symlinks; nothing is copied), reading the labels "
+        "from Kaggle's LOC_val_solution.csv, the devkit's ILSVRC2012_validation_ground_truth.txt (with the "
+        "devkit's data/meta.mat) or '<file> <wnid>' lines. The folder is checked against the label file first "
+        "and refused whole when they do not match; running it again on a prepared folder changes nothing.",
+    )
+    parser.add_argument("val_dir", metavar="VAL_DIR", help="the flat validation folder (ILSVRC2012_val_00000001.JPEG ...)")
+    parser.add_argument("--labels", required=True, metavar="FILE", help="LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt or a '<file> <wnid>' text file")
+    parser.add_argument("--out", metavar="DIR", help="where the class folders go (default: VAL_DIR itself; its flat files stay, training reads only the class folders)")
+    parser.add_argument("--meta", metavar="FILE", help="the devkit's meta.mat, for the ground-truth file (default: meta.mat beside it, as in the devkit's data/)")
+    parser.set_defaults(command=run_prepare_imagenet, check=lambda args: None)
+
+
+def run_prepare_imagenet(args: argparse.Namespace) -> None:
+    from trainer.imagenet_val import prepare_val
+
+    done = prepare_val(args.val_dir, args.labels, args.out, args.meta)
+    if done.linked:
+        print(f"linked {done.linked:,} of {done.images:,} images into {done.classes:,} class folders of {done.out} "
+              f"({done.link_kind}; labels: {done.label_format})")
+    else:
+        print(f"nothing to do: all {done.images:,} images are already in {done.classes:,} class folders of {done.out}")
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
-SUBCOMMANDS: tuple[Callable, ...] = (add_lr_find, add_export, add_predict, add_push, add_eval, add_report, add_compare, add_check_data, add_doctor, add_import_weights)  # a new subcommand: one more add_<name> here
+SUBCOMMANDS: tuple[Callable, ...] = (
+    add_lr_find, add_export, add_predict, add_push, add_eval, add_report, add_compare, add_check_data, add_doctor,
+    add_import_weights, add_prepare_imagenet,
+)  # a new subcommand: one more add_<name> here
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from loaders.sources import DataError
 from trainer import inference
+from trainer.class_names import display_names
 from trainer.data import load_splits
 from trainer.launch import create_accelerator
 from trainer.loop import autocast_for, build_eval_loader, resolve_precision
@@ -146,18 +147,21 @@ def format_report(record: dict[str, Any]) -> str:
     ):
         lines.append(f"{label:<22}" + "".join(f"{scores[key]:>10.4f}" for _, scores in blocks))
     classes = record["classes"]
+    named = dict(zip(classes, display_names(classes)))  # ImageNet synsets: "tench", with the folder in a last column
+    folders = any(named[c] != c for c in classes)
     per_class = record["model"]["per_class"]
     shown = classes
     title = "accuracy per class"
     if len(classes) > PER_CLASS_ROWS:
         shown = sorted(classes, key=lambda c: (per_class[c]["accuracy"], c))[:PER_CLASS_ROWS]
         title += f" (the {PER_CLASS_ROWS} lowest of {len(classes)}, by the model's; all are in the JSON)"
-    width = max(22, max(len(c) for c in shown) + 2)
-    lines += ["", title, f"{'class':<{width}}" + header + f"{'images':>10}"]
+    width = max(22, max(len(named[c]) for c in shown) + 2)
+    lines += ["", title, f"{'class':<{width}}" + header + f"{'images':>10}" + ("  folder" if folders else "")]
     for name in shown:
-        lines.append(f"{name:<{width}}" + "".join(f"{s['per_class'][name]['accuracy']:>10.4f}" for _, s in blocks) + f"{per_class[name]['support']:>10}")
+        lines.append(f"{named[name]:<{width}}" + "".join(f"{s['per_class'][name]['accuracy']:>10.4f}" for _, s in blocks)
+                     + f"{per_class[name]['support']:>10}" + (f"  {name}" if folders else ""))
     for name, scores in blocks:
-        pairs = most_confused(scores["confusion"], classes)
+        pairs = most_confused(scores["confusion"], [named[c] for c in classes])
         lines += ["", f"most confused ({name}): true -> predicted, images"]
         lines += [f"  {t} -> {p}: {n}" for t, p, n in pairs] or ["  none: every image got its own class"]
     return "\n".join(lines)

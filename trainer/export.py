@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from trainer import atomic, inference
+from trainer.class_names import display_names, imagenet_descriptions
 from trainer.data import load_splits
 from trainer.recipe import Recipe, RecipeError
 from trainer.run_folder import (
@@ -132,7 +133,8 @@ def model_card(config: dict, info: dict, recipe: Recipe, examples: int, note: st
     """README.md of the bundle: a Hub model card with timm's YAML header."""
     metrics = config["metrics"]
     classes = config["classes"]
-    shown = ", ".join(f"`{c}`" for c in classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
+    named = [f"{n} (`{c}`)" if n != c else f"`{c}`" for c, n in zip(classes, config.get("display_names", classes))]
+    shown = ", ".join(named[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
     git = info.get("git", {})
     rows = []
     for phase in recipe.phases:
@@ -232,10 +234,13 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
     state, source, _ = checkpoint_weights(ckpt)
     head, head_dropout = _effective_head(recipe, index)
     classes = list(info["classes"])
+    descriptions = imagenet_descriptions(classes)
     config = {
         "architecture": recipe.model.arch,
         "num_classes": len(classes),
         "classes": classes,
+        # What people see ("tench" for ImageNet's n01440764; the folder names otherwise); inference.py reads it.
+        "display_names": display_names(classes),
         "head": head,
         "head_dropout": head_dropout,
         "input_size": [3, phase.eval_res_px, phase.eval_res_px],
@@ -248,6 +253,11 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
         "commit": info.get("git", {}).get("commit", "unknown"),
         "format_version": inference.FORMAT_VERSION,
     }
+    # timm's convention (save_for_hf, its Hub configs): label_names are the classes' unique ids (the
+    # synsets for ImageNet), label_descriptions maps each to its words ("tench, Tinca tinca").
+    config["label_names"] = classes
+    if descriptions:
+        config["label_descriptions"] = descriptions
     # The same facts in timm's own layout, which timm reads before any other key: with timm's classifier
     # the bundle then loads as timm.create_model("hf-hub:USER/NAME" or "local-dir:BUNDLE", pretrained=True).
     config["pretrained_cfg"] = {
@@ -259,6 +269,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
         "interpolation": "bilinear",
         "crop_pct": phase.eval_crop_fraction,
         "crop_mode": "center",
+        **({"label_descriptions": descriptions} if descriptions else {}),
     }
     weights = _weights(state)
     try:  # the bundle must load as inference.py will load it

@@ -29,12 +29,14 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the model in eval mode, its config.json, class names in label order."""
+    """A loaded bundle: the model in eval mode, its config.json, and in label order the classes (the
+    dataset's folder names) and the names shown for them ("tench" for ImageNet's n01440764)."""
 
     model: torch.nn.Module
     config: dict
     classes: list[str]
     path: Path
+    names: list[str]
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -87,7 +89,11 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     model = build_model(config)
     model.load_state_dict(load_file(str(weights_file)), strict=True)
     model.to(device)
-    return Bundle(model=model, config=config, classes=list(config["classes"]), path=path)
+    classes = list(config["classes"])
+    names = list(config.get("display_names") or classes)  # bundles written before display names: the folder names
+    if len(names) != len(classes):
+        raise ValueError(f"{config_file} has {len(names)} display_names for {len(classes)} classes")
+    return Bundle(model=model, config=config, classes=classes, path=path, names=names)
 
 
 # -- preprocessing ---------------------------------------------------------------------------------
@@ -129,14 +135,15 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict(bundle: Bundle, images: list[Image.Image], topk: int = 5) -> list[list[tuple[str, float]]]:
-    """Per image, the `topk` most probable classes as (name, softmax probability), best first."""
+    """Per image, the `topk` most probable classes as (display name, softmax probability), best first;
+    `bundle.classes[bundle.names.index(name)]` is the class's folder name."""
     if not images:
         return []
     batch = torch.stack([preprocess(image, bundle.config) for image in images]).to(_device(bundle.model))
     probs = torch.softmax(bundle.model(batch).float(), dim=1).cpu()
     k = max(1, min(topk, probs.shape[1]))
     values, indices = probs.topk(k, dim=1)
-    return [[(bundle.classes[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())] for vs, ix in zip(values, indices)]
+    return [[(bundle.names[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())] for vs, ix in zip(values, indices)]
 
 
 # -- Grad-CAM --------------------------------------------------------------------------------------

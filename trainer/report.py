@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from trainer import atomic
+from trainer.class_names import display_names
 from trainer.curves import draw_curves
 from trainer.data import load_splits
 from trainer.hub import ensure_bundle
@@ -178,7 +179,7 @@ def score_images(bundle, source, picked: dict[int, list[int]]) -> dict[int, list
         for (label, i), top in zip(chunk, predict(bundle, images, topk=len(bundle.classes))):
             probs = dict(top)
             predicted, predicted_prob = top[0]
-            scored[label].append(Scored(i, _source_name(source, i), probs[bundle.classes[label]], predicted, predicted_prob))
+            scored[label].append(Scored(i, _source_name(source, i), probs[bundle.names[label]], predicted, predicted_prob))
     return scored
 
 
@@ -236,11 +237,16 @@ def _metrics_html(evals: list[tuple[str, dict[str, Any] | None]]) -> str:
             "<p class='note'>Each phase's eval.json scores the weights the phase ended with, on the whole val split.</p>")
 
 
+def _name_html(name: str, folder: str) -> str:
+    """A class's display name, with its folder name beside it when they differ (ImageNet: "tench n01440764")."""
+    return html.escape(name) + (f" <span class='note'>{html.escape(folder)}</span>" if name != folder else "")
+
+
 def per_class_table_html(record: dict[str, Any], weights: str) -> str:
     rows = []
-    for name in record["classes"]:
+    for name, shown in zip(record["classes"], display_names(record["classes"])):
         s = record[weights]["per_class"][name]
-        rows.append(f"<tr><td class='name'>{html.escape(name)}</td><td>{s['support']}</td><td>{_fmt(s['accuracy'])}</td>"
+        rows.append(f"<tr><td class='name'>{_name_html(shown, name)}</td><td>{s['support']}</td><td>{_fmt(s['accuracy'])}</td>"
                     f"<td>{_fmt(s['precision'])}</td><td>{_fmt(s['recall'])}</td><td>{_fmt(s['f1'])}</td></tr>")
     return ("<table class='per-class'><tr><th>class</th><th>support</th><th>accuracy</th><th>precision</th><th>recall</th>"
             f"<th>F1</th></tr>{''.join(rows)}</table>")
@@ -262,6 +268,7 @@ def _figure_html(kind: str, label: int, item: Scored, bundle, source, folder: Pa
     """One gallery entry: the image, its Grad-CAM overlay (of the predicted class) and the confidences."""
     image = _open_image(source, item.index)
     stem = f"c{label:04d}-{kind}"
+    folder_name, name = name, bundle.names[label]  # data-class keeps the folder name; the page shows the display name
     _save_jpeg(image, folder / f"{stem}.jpg")
     try:
         _, overlay = gradcam(bundle, image)
@@ -271,7 +278,8 @@ def _figure_html(kind: str, label: int, item: Scored, bundle, source, folder: Pa
         cam = f"<span class='note'>no Grad-CAM: {html.escape(str(err))}</span>"
     wrong = item.predicted != name
     return (
-        f"<figure class='prediction{' wrong' if wrong else ''}' data-kind='{kind}' data-class='{html.escape(name, quote=True)}' "
+        f"<figure class='prediction{' wrong' if wrong else ''}' data-kind='{kind}' data-class='{html.escape(folder_name, quote=True)}' "
+        f"data-name='{html.escape(name, quote=True)}' "
         f"data-source='{html.escape(item.source, quote=True)}' data-true-prob='{item.true_prob:.6f}' "
         f"data-predicted='{html.escape(item.predicted, quote=True)}' data-predicted-prob='{item.predicted_prob:.6f}'>"
         f"<img src='img/{stem}.jpg' class='image' alt='{kind} val image of {html.escape(name, quote=True)}'> {cam}"
@@ -313,7 +321,7 @@ def _galleries_html(run_dir: Path, recipe: Recipe, record: dict[str, Any] | None
         else:
             shown = [("best", items[0])] + ([("worst", items[-1])] if len(items) > 1 else [])
             figures = "".join(_figure_html(kind, label, item, bundle, source, folder, name) for kind, item in shown)
-        galleries.append(f"<section class='class-gallery' id='class-{label}'><h3>{html.escape(name)}</h3><div class='gallery'>{figures}</div></section>")
+        galleries.append(f"<section class='class-gallery' id='class-{label}'><h3>{_name_html(bundle.names[label], name)}</h3><div class='gallery'>{figures}</div></section>")
     return "".join(parts) + f"<div class='galleries'>{''.join(galleries)}</div>"
 
 
@@ -365,7 +373,7 @@ def _report_body(run_dir: Path, recipe: Recipe, info: dict[str, Any], per_class:
         weights = better_weights(record)
         label = "EMA" if weights == "ema" else "model"
         confusion = np.asarray(record[weights]["confusion"], dtype=np.int64)
-        names = list(record["classes"])
+        names = display_names(record["classes"])
         shown = heatmap_classes(confusion)
         capped = len(shown) < len(names)
         draw_confusion(confusion, names, shown, folder / "img" / "confusion.png",

@@ -96,6 +96,9 @@ def test_eval_command_reproduces_the_phase_end_numbers(trained):
     assert done.returncode == 0, done.stderr[-3000:]
     for text in ("top-1", "F1 (macro)", "precision (weighted)", "most confused", "n01440764"):
         assert text in done.stdout
+    # The ImageNet synsets by name (timm's metadata), the folder beside: "tench ... n01440764".
+    rows = {line.split()[-1]: line for line in done.stdout.splitlines() if line.split()[-1:] in (["n01440764"], ["n01484850"])}
+    assert rows["n01440764"].startswith("tench ") and rows["n01484850"].startswith("great white shark ")
     written = json.loads((run_dir / "eval-val.json").read_text())
     phase_end = json.loads((run_dir / "main" / "eval.json").read_text())
     assert written["samples"] == VAL_IMAGES and "checkpoints/step_" in written["weights"]

@@ -175,6 +175,52 @@ def test_predict_agrees_with_the_trainers_eval(exported, tiny_imagenet, run_env)
 PROBABILITY_TOLERANCE = 0.01
 
 
+def test_imagenet_synsets_are_named_in_config_and_predict_and_other_folders_keep_theirs(exported, tiny_imagenet, tmp_path, capsys):
+    run_dir, bundle = exported
+    config = json.loads((bundle / "config.json").read_text())
+    wnids = ["n01440764", "n01443537", "n01484850"]  # tiny_imagenet's class folders: real ImageNet synsets
+    assert config["classes"] == config["label_names"] == config["pretrained_cfg"]["label_names"] == wnids
+    assert config["display_names"] == ["tench", "goldfish", "great white shark"]
+    # timm's convention: label_names are the synsets, label_descriptions their words (timm's ImageNetInfo's).
+    assert config["label_descriptions"] == config["pretrained_cfg"]["label_descriptions"]
+    assert config["label_descriptions"]["n01440764"] == "tench, Tinca tinca"
+    native = timm.create_model(f"local-dir:{bundle}", pretrained=True)
+    assert native.pretrained_cfg["label_descriptions"]["n01443537"] == "goldfish, Carassius auratus"
+    assert "tench (`n01440764`)" in (bundle / "README.md").read_text()
+
+    image = str(val_images(tiny_imagenet)[0])
+    assert main(["predict", str(bundle), image, "--json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    named = dict(zip(wnids, config["display_names"]))
+    assert sorted(t["class"] for t in record["top"]) == wnids and all(t["name"] == named[t["class"]] for t in record["top"])
+    assert main(["predict", str(bundle), image]) == 0
+    table = capsys.readouterr().out
+    assert "  tench  (n01440764)" in table and "  goldfish  (n01443537)" in table
+
+    # Folders that are not synsets keep their names: the same run with its classes renamed.
+    data = tmp_path / "pets"
+    for split in ("train", "val"):
+        (data / split).mkdir(parents=True)
+        for wnid, pet in zip(wnids, ("cat", "dog", "fox")):
+            (data / split / pet).symlink_to(tiny_imagenet / split / wnid)
+    renamed = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("bundle"))
+    for name, key, value in (("run.json", "classes", ["cat", "dog", "fox"]), ("recipe.json", "data", None)):
+        saved = json.loads((renamed / name).read_text())
+        if key == "data":
+            saved["data"]["path"] = str(data)
+        else:
+            saved[key] = value
+        (renamed / name).write_text(json.dumps(saved))
+    pets = export(renamed)
+    config = json.loads((pets / "config.json").read_text())
+    assert config["classes"] == config["display_names"] == config["label_names"] == ["cat", "dog", "fox"]
+    assert "label_descriptions" not in config and "label_descriptions" not in config["pretrained_cfg"]
+    assert {name for name, _ in predict(load_bundle(pets), [Image.open(image)], topk=3)[0]} == {"cat", "dog", "fox"}
+    assert main(["eval", str(pets), "--out", str(tmp_path / "eval.json")]) == 0
+    table = capsys.readouterr().out
+    assert "\ncat " in table and "folder" not in table and "tench" not in table
+
+
 def trainer_eval_probabilities(bundle_dir: Path) -> dict[str, dict[str, float]]:
     """{val image: {class: softmax probability}} from the trainer's eval loader (`python -m trainer eval`'s)
     with the bundle's weights, in this process."""
@@ -256,6 +302,6 @@ def test_mlp_head_model_exports_and_reloads(tmp_path, tiny_imagenet, run_env):
     assert {"fc.0.weight", "fc.3.weight"} <= saved.keys() and saved["fc.3.weight"].shape == (3, 16)
     assert all(torch.equal(bundle.model.state_dict()[k], v) for k, v in saved.items())
     top = predict(bundle, [Image.open(val_images(tiny_imagenet)[0])], topk=5)[0]
-    assert len(top) == 3 and {name for name, _ in top} == set(config["classes"])
+    assert len(top) == 3 and {name for name, _ in top} == set(config["display_names"]) == {"tench", "goldfish", "great white shark"}
     heat, _ = gradcam(bundle, Image.open(val_images(tiny_imagenet)[0]))
     assert 0 <= heat.min() and heat.max() <= 1

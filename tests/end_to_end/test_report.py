@@ -94,6 +94,8 @@ def test_report_metrics_confusion_and_classes(report, runs, tiny_imagenet):
     text = " ".join(parser.text)
     for name in classes:
         assert name in text
+    for name in ("tench", "goldfish", "great white shark"):  # ImageNet synsets: named from timm's metadata
+        assert f"{name} " in " ".join(parser.text)
     record = json.loads((run_dir / "main" / "eval.json").read_text())  # written by the trainer at the phase's end
     for weights in ("model", "ema"):
         assert f"{record[weights]['top1']:.4f}" in text and f"{record[weights]['f1_macro']:.4f}" in text
@@ -124,11 +126,13 @@ def test_report_galleries_match_predict(report, runs):
             with Image.open(attrs["data-source"]) as image:
                 top = predict(bundle, [image.convert("RGB")], topk=len(bundle.classes))[0]
             assert Path(attrs["data-source"]).parent.name == name  # the image is a val image of this class
-            assert math.isclose(float(attrs["data-true-prob"]), dict(top)[name], abs_tol=1e-5)
+            assert attrs["data-name"] == bundle.names[bundle.classes.index(name)]  # "tench" for n01440764
+            assert math.isclose(float(attrs["data-true-prob"]), dict(top)[attrs["data-name"]], abs_tol=1e-5)
             assert attrs["data-predicted"] == top[0][0]
             assert math.isclose(float(attrs["data-predicted-prob"]), top[0][1], abs_tol=1e-5)
             caption = " ".join(figure["text"])
-            assert f"{dict(top)[name]:.1%}" in caption and f"{top[0][1]:.1%}" in caption
+            assert f"{dict(top)[attrs['data-name']]:.1%}" in caption and f"{top[0][1]:.1%}" in caption
+            assert f"true {attrs['data-name']}:" in caption
 
 
 # -- compare ---------------------------------------------------------------------------------------

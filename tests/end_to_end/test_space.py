@@ -156,6 +156,7 @@ def test_space_in_chromium(bundle, tmp_path):
                 heading = page.locator("h1").first.inner_text()
                 assert config["architecture"] in heading and f"{len(model.classes)} classes" in heading
                 assert f"{config['metrics']['top1']:.1%}" in page.locator("body").inner_text()
+                assert "Classes: tench, goldfish, great white shark." in page.locator("body").inner_text()  # ImageNet synsets by name
 
                 def top5() -> list[tuple[str, float]]:
                     rows = page.locator("#top5 [data-testid$='-confidence-set']")
@@ -171,6 +172,7 @@ def test_space_in_chromium(bundle, tmp_path):
                 shown = poll(lambda: len(top5()) == min(5, len(model.classes)) and top5(), "the top-5 after an upload")
                 expected = inference.predict(model, [Image.open(val_a)], topk=5)[0]
                 assert [name for name, _ in shown] == [name for name, _ in expected]
+                assert {name for name, _ in shown} == {"tench", "goldfish", "great white shark"}
                 assert sum(p for _, p in shown) == pytest.approx(1.0, abs=1e-3)
                 assert np.allclose([p for _, p in shown], [p for _, p in expected], atol=1e-3), (shown, expected)
                 assert not page.locator("#gradcam-overlay").is_visible()  # Grad-CAM is off by default
