@@ -292,6 +292,7 @@ def add_report(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", help="report folder (default: RUN_DIR/report); a report there is replaced")
     parser.add_argument("--per-class", type=int, default=8, metavar="N", help="val images scored per class for the galleries (default: 8)")
     parser.add_argument("--data", metavar="PATH", help="the val data, when the run's data.path is not readable here")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="score the gallery images with flip test-time augmentation (default: none)")
     parser.set_defaults(command=run_report, check=functools.partial(check_report, parser))
 
 
@@ -303,7 +304,7 @@ def check_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def run_report(args: argparse.Namespace) -> None:
     from trainer.report import write_report
 
-    result = write_report(args.run_dir, args.out, per_class=args.per_class, data=args.data)
+    result = write_report(args.run_dir, args.out, per_class=args.per_class, data=args.data, tta=args.tta)
     for note in result.notes:
         print(note)
     print(result.index_html)
