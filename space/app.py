@@ -1,4 +1,5 @@
-"""Gradio Space for an exported imgcls bundle: top-5 classes with confidence bars and a Grad-CAM overlay.
+"""Gradio Space for an exported imgcls bundle: top-5 classes with confidence bars (optionally with flip
+test-time augmentation) and a Grad-CAM overlay.
 
 Runs on its own, without the imgcls repository: everything it needs is the bundle (model.safetensors,
 config.json, examples/) and `inference.py`, the one inference implementation that `export` copies into
@@ -77,7 +78,8 @@ def describe(config: dict) -> tuple[str, str]:
         f"timm `{config.get('architecture')}` trained with the imgcls recipe `{config.get('recipe', '?')}`: "
         f"{len(classes)} classes, {score}, input {width}×{height}.\n\n"
         f"Upload an image or click an example. Classes: {shown}.\n\n"
-        "**Grad-CAM** overlays where the model looked for its top class, on the centre crop it sees."
+        "**Grad-CAM** overlays where the model looked for its top class, on the centre crop it sees. "
+        "**Flip TTA** averages the probabilities of the image and its mirror image."
     )
     return title, description
 
@@ -87,10 +89,13 @@ def build_demo(bundle, inference) -> gr.Blocks:
     title, description = describe(config)
     examples, example_classes = example_files(bundle.path)
 
-    def analyse(image: Image.Image | None, show_cam: bool):
+    # Bundles exported before TTA existed carry an inference.py without it: no checkbox for them.
+    has_tta = "flip" in getattr(inference, "TTA_MODES", ())
+
+    def analyse(image: Image.Image | None, show_cam: bool, flip_tta: bool = False):
         if image is None:
             return None, gr.update(value=None, visible=False)
-        ranked = inference.predict(bundle, [image], topk=TOPK)[0]
+        ranked = inference.predict(bundle, [image], topk=TOPK, **({"tta": "flip"} if flip_tta else {}))[0]
         scores = {name: prob for name, prob in ranked}
         if not show_cam:
             return scores, gr.update(value=None, visible=False)
@@ -110,13 +115,15 @@ def build_demo(bundle, inference) -> gr.Blocks:
             with gr.Column():
                 image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=320, elem_id="input-image")
                 show_cam = gr.Checkbox(value=False, label="Grad-CAM", info="overlay where the model looked", elem_id="gradcam-toggle")
+                flip_tta = gr.Checkbox(value=False, label="Flip TTA", info="average the probabilities of the image and its mirror",
+                                       visible=has_tta, elem_id="tta-toggle")
                 if examples:
                     gr.Examples(examples=examples, inputs=image, label=f"Examples: {len(examples)} val images of {len(set(example_classes))} classes", examples_per_page=12, elem_id="examples")
             with gr.Column():
                 top5 = gr.Label(num_top_classes=TOPK, label=f"Top-{min(TOPK, len(bundle.classes))}", elem_id="top5")
                 overlay = gr.Image(type="pil", format="png", label="Grad-CAM", interactive=False, visible=False, height=320, buttons=["download", "fullscreen"], elem_id="gradcam-overlay")
-        for event in (image.change, show_cam.change):
-            event(analyse, inputs=[image, show_cam], outputs=[top5, overlay], show_progress="minimal")
+        for event in (image.change, show_cam.change, flip_tta.change):
+            event(analyse, inputs=[image, show_cam, flip_tta], outputs=[top5, overlay], show_progress="minimal")
     return demo
 
 

@@ -127,13 +127,14 @@ def add_export(subparsers) -> None:
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holds run.json and recipe.json)")
     parser.add_argument("--out", metavar="DIR", help="bundle folder (default: RUN_DIR/bundle); a bundle there is replaced")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch), checked against PyTorch with onnxruntime")
     parser.set_defaults(command=run_export, check=lambda args: None)
 
 
 def run_export(args: argparse.Namespace) -> None:
     from trainer.export import export
 
-    print(export(args.run_dir, args.out))
+    print(export(args.run_dir, args.out, onnx=args.onnx))
 
 
 def add_predict(subparsers) -> None:
@@ -147,6 +148,7 @@ def add_predict(subparsers) -> None:
     parser.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     parser.add_argument("--gradcam", metavar="OUT.png", help="write the Grad-CAM overlay of the top class; with several images OUT-1.png, OUT-2.png, ...")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {image, top: [{class, prob}]} instead of a table")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average the softmax of each image and its mirror (default: none)")
     parser.set_defaults(command=run_predict, check=functools.partial(check_predict, parser))
 
 
@@ -181,12 +183,12 @@ def run_predict(args: argparse.Namespace) -> None:
                 images.append(image.convert("RGB"))
         except (OSError, UnidentifiedImageError) as err:
             raise BundleError(f"cannot read image {name}: {err}") from None
-    results = predict(bundle, images, topk=args.topk)
+    results = predict(bundle, images, topk=args.topk, tta=args.tta)
     cams = gradcam_paths(args.gradcam, len(images)) if args.gradcam else [None] * len(images)
     records = []
     for name, image, top, cam_path in zip(args.images, images, results, cams):
         # "class": the folder name the model was trained on; "name": what people call it ("tench" for n01440764).
-        record = {"image": name, "top": [{"class": bundle.classes[bundle.names.index(n)], "name": n, "prob": p} for n, p in top]}
+        record = {"image": name, "top": [{"class": bundle.classes[bundle.names.index(n)], "name": n, "prob": p} for n, p in top], "tta": args.tta}
         if cam_path is not None:
             _, overlay = gradcam(bundle, image)
             cam_path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +253,8 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--split", choices=("val", "train", "test"), default="val", help="which split to score (default: val)")
     parser.add_argument("--out", metavar="FILE.json", help="where the JSON goes (default: RUN_DIR|BUNDLE/eval-<split>.json)")
     parser.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none",
+                        help="flip: score each image as the mean of the softmax of it and its mirror; the default --out becomes eval-<split>-tta-flip.json (default: none)")
     parser.set_defaults(command=run_eval, check=lambda args: None)
 
 
@@ -260,10 +264,11 @@ def run_eval(args: argparse.Namespace) -> None:
     from trainer.evaluation import evaluate_saved, format_report
     from trainer.tracking import write_eval_json
 
-    record = evaluate_saved(args.path, args.data, args.split)
+    record = evaluate_saved(args.path, args.data, args.split, args.tta)
     if not PartialState().is_main_process:  # under accelerate launch every process scored its share
         return
-    out = Path(args.out) if args.out else Path(args.path) / f"eval-{args.split}.json"
+    suffix = "" if args.tta == "none" else f"-tta-{args.tta}"  # a TTA score does not overwrite the plain one
+    out = Path(args.out) if args.out else Path(args.path) / f"eval-{args.split}{suffix}.json"
     write_eval_json(out, record)
     if args.json:
         print(json.dumps(record, indent=2))
@@ -288,6 +293,7 @@ def add_report(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", help="report folder (default: RUN_DIR/report); a report there is replaced")
     parser.add_argument("--per-class", type=int, default=8, metavar="N", help="val images scored per class for the galleries (default: 8)")
     parser.add_argument("--data", metavar="PATH", help="the val data, when the run's data.path is not readable here")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="score the gallery images with flip test-time augmentation (default: none)")
     parser.set_defaults(command=run_report, check=functools.partial(check_report, parser))
 
 
@@ -299,7 +305,7 @@ def check_report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def run_report(args: argparse.Namespace) -> None:
     from trainer.report import write_report
 
-    result = write_report(args.run_dir, args.out, per_class=args.per_class, data=args.data)
+    result = write_report(args.run_dir, args.out, per_class=args.per_class, data=args.data, tta=args.tta)
     for note in result.notes:
         print(note)
     print(result.index_html)

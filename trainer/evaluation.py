@@ -83,12 +83,16 @@ def bundle_target(bundle_dir: Path, data: str | None) -> Target:
     return Target(recipe, phase, phase_name, bundle.classes, bundle.model, {"model": bundle.model.state_dict()}, f"bundle {bundle_dir}")
 
 
-def evaluate_saved(path: str | Path, data: str | None = None, split: str = "val") -> dict[str, Any]:
+def evaluate_saved(path: str | Path, data: str | None = None, split: str = "val", tta: str = "none") -> dict[str, Any]:
     """The eval.json record of the weights at `path` (a run folder or a bundle) on `split`, on every
-    process; with several processes each sample is counted once."""
+    process; with several processes each sample is counted once. `tta="flip"`: each batch is scored as
+    the mean of the softmax of its images and of their mirrors (`inference.class_probs`); the record's
+    "tta" says which."""
     path = Path(path)
     if split not in SPLITS:
         raise RecipeError(f"split must be one of {SPLITS}, got {split!r}")
+    if tta not in inference.TTA_MODES:
+        raise RecipeError(f"--tta must be one of {inference.TTA_MODES}, got {tta!r}")
     if not path.is_dir():
         raise RecipeError(f"{path} is not a folder: pass a run folder or a bundle folder")
     if (path / RUN_INFO).is_file():
@@ -123,10 +127,14 @@ def evaluate_saved(path: str | Path, data: str | None = None, split: str = "val"
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise RecipeError(f"the {name} weights of {target.described} do not fit {target.recipe.model.arch}: {err}") from None
-        scores[name] = evaluate(model, loader, accelerator, autocast, num_classes=len(target.classes))
-    return eval_report(
+        # The loader's batch tensor is flipped inside the wrapper; its output is the log of the mean probabilities.
+        scored = model if tta == "none" else inference.WithTTA(model, tta)
+        scores[name] = evaluate(scored, loader, accelerator, autocast, num_classes=len(target.classes))
+    record = eval_report(
         phase=target.phase_name, split=split, classes=target.classes, weights=target.described, model=scores["model"], ema=scores.get("ema")
     )
+    record["tta"] = tta
+    return record
 
 
 def format_report(record: dict[str, Any]) -> str:
@@ -137,6 +145,7 @@ def format_report(record: dict[str, Any]) -> str:
     lines = [
         f"{record['weights']}",
         f"phase {record['phase']}, split {record['split']}: {record['samples']} images, {len(record['classes'])} classes",
+        *(["test-time augmentation: flip (mean of the softmax of each image and its mirror)"] if record.get("tta", "none") != "none" else []),
         "",
         f"{'':<22}{header}",
     ]

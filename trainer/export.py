@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from trainer import atomic, inference
+from trainer import atomic, inference, onnx_model
 from trainer.class_names import display_names, imagenet_descriptions
 from trainer.data import load_splits
 from trainer.recipe import Recipe, RecipeError
@@ -129,6 +130,16 @@ def parameter_table(phases: dict[str, dict], recipe: Recipe) -> str:
     return "\n## Parameters per phase\n\n| phase | total | trainable | frozen |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
+def _onnx_section(config: dict) -> str:
+    if "onnx" not in config:
+        return ""
+    done = config["onnx"]
+    return (f"\n`model.onnx` (opset {done['opset']}, input `{done['input']['name']}` of shape (batch, 3, {config['input_size'][1]}, "
+            f"{config['input_size'][2]}) float32 NCHW, output `{done['output']['name']}`) runs with ONNX Runtime in any language; "
+            f"preprocess as `preprocessing` in config.json says. Checked at export on {done['checked_on']}: at most "
+            f"{done['max_abs_diff']:.2g} from PyTorch on a logit.\n")
+
+
 def model_card(config: dict, info: dict, recipe: Recipe, examples: int, note: str) -> str:
     """README.md of the bundle: a Hub model card with timm's YAML header."""
     metrics = config["metrics"]
@@ -208,8 +219,8 @@ print(predict(bundle, [Image.open("photo.jpg")], topk=5))  # [[(class name, prob
 heatmap, overlay = gradcam(bundle, Image.open("photo.jpg"))  # where the model looked
 ```
 
-From a checkout of the training repository: `python -m trainer predict BUNDLE photo.jpg [--gradcam cam.png] [--json]`.
-{plain_timm}
+From a checkout of the training repository: `python -m trainer predict BUNDLE photo.jpg [--gradcam cam.png] [--tta flip] [--json]`.
+{plain_timm}{_onnx_section(config)}
 ## Limitations
 
 - It knows only these {config['num_classes']} classes: every image gets one of them, however unrelated it is.
@@ -220,9 +231,39 @@ From a checkout of the training repository: `python -m trainer predict BUNDLE ph
 """
 
 
-def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+def preprocessing(config: dict) -> dict:
+    """The eval transform (`inference.preprocess`) spelled out for users outside Python: what config.json
+    says under "preprocessing", step by step, with the rounding of every size and offset."""
+    _, height, width = config["input_size"]
+    shorter = math.floor(min(height, width) / float(config["crop_fraction"]))
+    return {
+        "steps": [
+            "decode the image and convert it to RGB (8 bits per channel; EXIF orientation is not applied)",
+            f"resize so that the shorter side is {shorter} px and the longer side round(longer * {shorter} / shorter) px, "
+            "bilinear with antialiasing (Pillow's Image.resize with BILINEAR; skipped when the size is already right)",
+            f"centre-crop {width}x{height} px: left = round((resized width - {width}) / 2), top = round((resized height - {height}) / 2)",
+            "divide by 255 (float32, values in [0, 1])",
+            "per channel, subtract mean and divide by std (R, G, B order)",
+            "lay out as NCHW: (batch, 3, height, width)",
+        ],
+        "color": "RGB",
+        "resize_shorter_side_px": shorter,
+        "interpolation": "bilinear, antialiased",
+        "center_crop_px": [height, width],
+        "scale": 1 / 255,
+        "mean": config["mean"],
+        "std": config["std"],
+        "channel_order": "RGB",
+        "input_layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
+def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, onnx: bool = False) -> Path:
     """Write the bundle of `run_dir` to `out` (default RUN_DIR/bundle) and return its path.
-    An existing bundle there is replaced; any other non-empty folder is refused."""
+    An existing bundle there is replaced; any other non-empty folder is refused. `onnx`: also
+    model.onnx, checked against PyTorch with onnxruntime (`trainer.onnx_model`); the export fails when
+    they differ by more than `onnx_model.TOLERANCE` on a logit."""
     run_dir = Path(run_dir)
     recipe, info = load_run(run_dir)
     out = Path(out) if out is not None else run_dir / BUNDLE_DIR
@@ -271,6 +312,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
         "crop_mode": "center",
         **({"label_descriptions": descriptions} if descriptions else {}),
     }
+    config["preprocessing"] = preprocessing(config)
     weights = _weights(state)
     try:  # the bundle must load as inference.py will load it
         inference.build_model(config).load_state_dict(weights, strict=True)
@@ -288,6 +330,14 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> 
         examples, note = _write_examples(recipe, classes, tmp / "examples")
         if note:
             print(f"export: {note}", file=sys.stderr)
+        if onnx:
+            config["onnx"] = onnx_model.write_onnx(tmp)
+            diff = config["onnx"]["max_abs_diff"]
+            print(f"export: model.onnx differs from PyTorch by at most {diff:.3g} on a logit ({config['onnx']['checked_on']})", file=sys.stderr)
+            if not diff <= onnx_model.TOLERANCE:  # also NaN
+                raise BundleError(f"model.onnx differs from the PyTorch model by {diff:.3g} on a logit (tolerance {onnx_model.TOLERANCE}); "
+                                  "no bundle written. Export without --onnx, or report the architecture")
+            (tmp / inference.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(config, info, recipe, examples, note))
         return atomic.swap_in(tmp, out)  # a re-export: the previous bundle is replaced only now
     finally:

@@ -1,4 +1,5 @@
-"""Inference, the one implementation: load a bundle, eval preprocessing, predict (softmax top-k), Grad-CAM.
+"""Inference, the one implementation: load a bundle, eval preprocessing, predict (softmax top-k, optional
+flip test-time augmentation), Grad-CAM for convolutional and transformer models.
 
 Used by `python -m trainer predict`, the tests and the Space. It imports only the standard library,
 numpy, torch, timm, safetensors and PIL, never `trainer` or `loaders`: `export` copies this file
@@ -43,8 +44,10 @@ class Bundle:
 
 
 def classifier_path(model: torch.nn.Module) -> str:
-    """Where timm keeps the model's classifier ("fc", "head.fc", "classifier", ...)."""
-    return model.pretrained_cfg.get("classifier", "fc") if hasattr(model, "pretrained_cfg") else "fc"
+    """Where timm keeps the model's classifier ("fc", "head.fc", "classifier", ...); for a model with two
+    (DeiT's distilled "head" and "head_dist") the first."""
+    path = model.pretrained_cfg.get("classifier", "fc") if hasattr(model, "pretrained_cfg") else "fc"
+    return path[0] if isinstance(path, list | tuple) else path
 
 
 def make_head(in_features: int, num_classes: int, spec: str, dropout: float) -> torch.nn.Module:
@@ -133,14 +136,42 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+TTA_MODES = ("none", "flip")
+
+
+def class_probs(model: torch.nn.Module, batch: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Softmax probabilities (float32) of `model` on a normalised (N, 3, H, W) batch. With `tta="flip"`,
+    the mean of the softmax of each image and of its horizontal mirror (probabilities are averaged, not
+    logits), the two in one forward pass."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    if tta == "none":
+        return torch.softmax(model(batch).float(), dim=1)
+    both = torch.softmax(model(torch.cat([batch, batch.flip(3)])).float(), dim=1)
+    return 0.5 * (both[: len(batch)] + both[len(batch) :])
+
+
+class WithTTA(torch.nn.Module):
+    """`model` under test-time augmentation, as logits for code that scores logits (top-k, cross-entropy):
+    the log of `class_probs`, so a softmax of the output gives back the averaged probabilities."""
+
+    def __init__(self, model: torch.nn.Module, tta: str):
+        super().__init__()
+        self.model, self.tta = model, tta
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return class_probs(self.model, batch, self.tta).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
 @torch.no_grad()
-def predict(bundle: Bundle, images: list[Image.Image], topk: int = 5) -> list[list[tuple[str, float]]]:
+def predict(bundle: Bundle, images: list[Image.Image], topk: int = 5, tta: str = "none") -> list[list[tuple[str, float]]]:
     """Per image, the `topk` most probable classes as (display name, softmax probability), best first;
-    `bundle.classes[bundle.names.index(name)]` is the class's folder name."""
+    `bundle.classes[bundle.names.index(name)]` is the class's folder name. `tta="flip"`: the
+    probabilities are the mean over the image and its mirror (`class_probs`)."""
     if not images:
         return []
     batch = torch.stack([preprocess(image, bundle.config) for image in images]).to(_device(bundle.model))
-    probs = torch.softmax(bundle.model(batch).float(), dim=1).cpu()
+    probs = class_probs(bundle.model, batch, tta).cpu()
     k = max(1, min(topk, probs.shape[1]))
     values, indices = probs.topk(k, dim=1)
     return [[(bundle.names[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())] for vs, ix in zip(values, indices)]
@@ -149,10 +180,29 @@ def predict(bundle: Bundle, images: list[Image.Image], topk: int = 5) -> list[li
 # -- Grad-CAM --------------------------------------------------------------------------------------
 
 
-def _target_layer(model: torch.nn.Module, batch: torch.Tensor) -> str:
-    """The last module, in forward order, whose output is a 4-D feature map larger than 1×1 and that
-    is not part of the classifier: the final stage for ResNets/ConvNeXts/EfficientNets at their usual
-    sizes (an earlier stage when the input is so small that the last one is 1×1)."""
+def _token_target(model: torch.nn.Module) -> str | None:
+    """For a ViT-like model (timm's `blocks` and `num_prefix_tokens`: ViT, DeiT, BEiT, EVA, ...), the first
+    norm of the last block: its patch tokens still reach the class token through that block's attention.
+    (The last block's output would not do: after it, only the class token goes on to the head, so the
+    gradient at every patch token is zero.)"""
+    blocks = getattr(model, "blocks", None)
+    if not hasattr(model, "num_prefix_tokens") or not isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) or not len(blocks):
+        return None
+    last = f"blocks.{len(blocks) - 1}"
+    return f"{last}.norm1" if isinstance(getattr(blocks[-1], "norm1", None), torch.nn.Module) else last
+
+
+def _target_layer(model: torch.nn.Module, batch: torch.Tensor) -> tuple[str, str]:
+    """(module name, layout) of the feature map Grad-CAM weighs. Layout "tokens" (B, prefix + h*w, C) for
+    ViT-like models (`_token_target`); else the last module, in forward order, whose output is a 4-D
+    feature map larger than 1×1 and that is not part of the classifier, "NHWC" for models timm marks so
+    (Swin: its stages, windows already merged back) and "NCHW" otherwise: the final stage for
+    ResNets/ConvNeXts/EfficientNets at their usual sizes (an earlier stage when the input is so small that
+    the last one is 1×1)."""
+    token = _token_target(model)
+    if token is not None:
+        return token, "tokens"
+    layout = "NHWC" if str(getattr(model, "output_fmt", "NCHW")) == "NHWC" else "NCHW"
     head = classifier_path(model)
     fired: list[tuple[str, int, int]] = []
     hooks = []
@@ -162,7 +212,10 @@ def _target_layer(model: torch.nn.Module, batch: torch.Tensor) -> str:
 
         def record(_module, _inputs, output, name=name):
             if isinstance(output, torch.Tensor):
-                fired.append((name, output.dim(), output.shape[-2] * output.shape[-1] if output.dim() == 4 else 0))
+                area = 0
+                if output.dim() == 4:
+                    area = output.shape[1] * output.shape[2] if layout == "NHWC" else output.shape[2] * output.shape[3]
+                fired.append((name, output.dim(), area))
 
         hooks.append(module.register_forward_hook(record))
     try:
@@ -173,11 +226,31 @@ def _target_layer(model: torch.nn.Module, batch: torch.Tensor) -> str:
             hook.remove()
     maps = [i for i, (_, dim, area) in enumerate(fired) if dim == 4 and area > 1]
     if not maps:
-        raise NotImplementedError("Grad-CAM needs a convolutional feature map larger than 1x1; this model (or input size) has none")
+        raise NotImplementedError("Grad-CAM needs a feature map larger than 1x1; this model (or input size) has none")
     last = maps[-1]
-    if any(dim == 3 for _, dim, _ in fired[last + 1:]):
-        raise NotImplementedError("Grad-CAM here works on convolutional feature maps; this model (a transformer?) ends in token sequences")
-    return fired[last][0]
+    if layout == "NCHW" and any(dim == 3 for _, dim, _ in fired[last + 1:]):
+        raise NotImplementedError("Grad-CAM here works on feature maps and ViT-style token sequences; this model ends in token sequences of another kind")
+    return fired[last][0], layout
+
+
+def _as_nchw(tensor: torch.Tensor, layout: str, model: torch.nn.Module, input_hw: tuple[int, int]) -> torch.Tensor:
+    """The captured features (or their gradients) as (B, C, h, w). Tokens: the prefix tokens (class,
+    distillation, registers: timm's `num_prefix_tokens`) dropped, the rest laid out row by row on the patch
+    grid, h = H / patch height and w = W / patch width (timm's patch embedding flattens rows first)."""
+    if layout == "NHWC":
+        return tensor.permute(0, 3, 1, 2)
+    if layout == "NCHW":
+        return tensor
+    patches = tensor[:, int(model.num_prefix_tokens) :, :]
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None:
+        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        grid_h, grid_w = input_hw[0] // patch_h, input_hw[1] // patch_w
+    else:  # no patch size to read: a square grid
+        grid_h = grid_w = math.isqrt(patches.shape[1])
+    if grid_h * grid_w != patches.shape[1]:
+        raise NotImplementedError(f"Grad-CAM: {patches.shape[1]} patch tokens do not form the {grid_h}x{grid_w} grid of a {input_hw[0]}x{input_hw[1]} input")
+    return patches.reshape(patches.shape[0], grid_h, grid_w, patches.shape[2]).permute(0, 3, 1, 2)
 
 
 def _jet(values: np.ndarray) -> np.ndarray:
@@ -187,13 +260,16 @@ def _jet(values: np.ndarray) -> np.ndarray:
 
 
 def gradcam(bundle: Bundle, image: Image.Image, class_index: int | None = None) -> tuple[np.ndarray, Image.Image]:
-    """Grad-CAM (Selvaraju et al. 2017) for `class_index` (default: the predicted class).
+    """Grad-CAM (Selvaraju et al. 2017) for `class_index` (default: the predicted class), on the image
+    itself (no test-time augmentation), for CNNs (ResNet, ConvNeXt, EfficientNet, ...), Swin and ViT-like
+    models (ViT, DeiT: patch tokens on their grid, see `_target_layer`).
     Returns the heatmap (H×W float32 in [0, 1] at the crop size) and the RGB crop with the heatmap
     blended in at 0.5 through a jet-like colour map."""
     model, config = bundle.model, bundle.config
     crop = center_crop(image, config)
     batch = _normalize(crop, config).unsqueeze(0).to(_device(model))
-    target = model.get_submodule(_target_layer(model, batch))
+    name, layout = _target_layer(model, batch)
+    target = model.get_submodule(name)
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_module, _inputs, output):
@@ -210,6 +286,7 @@ def gradcam(bundle: Bundle, image: Image.Image, class_index: int | None = None) 
             model.zero_grad(set_to_none=True)
             logits[0, index].backward()
         features, grads = captured["features"].detach(), captured["features"].grad.detach()
+        features, grads = (_as_nchw(t, layout, model, tuple(batch.shape[-2:])) for t in (features, grads))
     finally:
         hook.remove()
         model.zero_grad(set_to_none=True)  # leave no gradients on the shared model

@@ -7,7 +7,9 @@ can be copied or zipped as a whole):
 - the confusion matrix of the last evaluated phase as a heatmap, and its most confused class pairs;
 - per class, the best and the worst of a few val images by the confidence of the true class, each
   with its Grad-CAM overlay. These come from the run's bundle (exported first when missing or stale)
-  through `trainer.inference`, the one implementation the CLI and the Space use too.
+  through `trainer.inference`, the one implementation the CLI and the Space use too; with `tta="flip"`
+  they are scored with flip test-time augmentation, and the page says so. A TTA score of the eval
+  command (`RUN_DIR/eval-val-tta-flip.json`) joins the metrics table, marked as such.
 
 Bounded for ImageNet: at most `per_class` val images are scored per gallery class, at most
 `GALLERY_CLASSES_MAX` classes get galleries (the ones with the lowest recall, when there are more),
@@ -168,7 +170,7 @@ def _source_name(source, index: int) -> str:
     return str(files[index]) if files is not None else f"val index {index}"
 
 
-def score_images(bundle, source, picked: dict[int, list[int]]) -> dict[int, list[Scored]]:
+def score_images(bundle, source, picked: dict[int, list[int]], tta: str = "none") -> dict[int, list[Scored]]:
     """`trainer.inference.predict` over the picked images, in batches: per class, each image's
     confidence in its true class and the top prediction."""
     flat = [(label, i) for label, indices in picked.items() for i in indices]
@@ -176,7 +178,7 @@ def score_images(bundle, source, picked: dict[int, list[int]]) -> dict[int, list
     for start in range(0, len(flat), PREDICT_BATCH):
         chunk = flat[start : start + PREDICT_BATCH]
         images = [_open_image(source, i) for _, i in chunk]
-        for (label, i), top in zip(chunk, predict(bundle, images, topk=len(bundle.classes))):
+        for (label, i), top in zip(chunk, predict(bundle, images, topk=len(bundle.classes), tta=tta)):
             probs = dict(top)
             predicted, predicted_prob = top[0]
             scored[label].append(Scored(i, _source_name(source, i), probs[bundle.names[label]], predicted, predicted_prob))
@@ -231,7 +233,8 @@ def _metrics_html(evals: list[tuple[str, dict[str, Any] | None]]) -> str:
             if scores is None:
                 continue
             cells = "".join(f"<td>{_fmt(scores.get(key))}</td>" for key, _ in METRIC_COLUMNS)
-            rows.append(f"<tr><td>{html.escape(phase)}</td><td class='name'>{'EMA' if weights == 'ema' else 'model'}</td>"
+            tta = f", TTA {html.escape(str(record['tta']))}" if record.get("tta", "none") != "none" else ""
+            rows.append(f"<tr><td>{html.escape(phase)}</td><td class='name'>{'EMA' if weights == 'ema' else 'model'}{tta}</td>"
                         f"<td>{record.get('samples', '-')}</td>{cells}</tr>")
     return (f"<table class='metrics'><tr><th>phase</th><th>weights</th><th>val samples</th>{head}</tr>{''.join(rows)}</table>"
             "<p class='note'>Each phase's eval.json scores the weights the phase ended with, on the whole val split.</p>")
@@ -290,7 +293,7 @@ def _figure_html(kind: str, label: int, item: Scored, bundle, source, folder: Pa
 
 
 def _galleries_html(run_dir: Path, recipe: Recipe, record: dict[str, Any] | None, weights: str, per_class: int,
-                    folder: Path, notes: list[str]) -> str:
+                    folder: Path, notes: list[str], tta: str = "none") -> str:
     try:
         source = load_splits(recipe).val
     except (RecipeError, ValueError, OSError) as err:  # DataError is a ValueError
@@ -302,11 +305,13 @@ def _galleries_html(run_dir: Path, recipe: Recipe, record: dict[str, Any] | None
         raise RecipeError(f"the val data at {recipe.data.path} has classes {list(source.classes)[:5]}..., the bundle {bundle.classes[:5]}...; "
                           "pass --data with the data the run was trained on")
     chosen = gallery_labels(bundle.classes, record, weights, GALLERY_CLASSES_MAX)
-    scored = score_images(bundle, source, sample_val(np.asarray(source.labels), chosen, per_class))
+    scored = score_images(bundle, source, sample_val(np.asarray(source.labels), chosen, per_class), tta)
     metrics = bundle.config.get("metrics", {})
     intro = (f"<p class='note'>Weights: the bundle ({html.escape(str(bundle_dir))}): "
              f"{'EMA' if metrics.get('source') == 'ema' else 'model'} weights of the best checkpoint of phase "
-             f"{html.escape(str(metrics.get('phase', '?')))}, scored by trainer.inference.predict. Up to {per_class} val images per class "
+             f"{html.escape(str(metrics.get('phase', '?')))}, scored by trainer.inference.predict"
+             f"{' with flip test-time augmentation (the mean of the softmax of each image and its mirror)' if tta == 'flip' else ', no test-time augmentation'}"
+             f". Up to {per_class} val images per class "
              "(seeded pick); best and worst by the confidence of the true class; Grad-CAM of the predicted class.</p>")
     if len(chosen) < len(bundle.classes):
         intro += (f"<p class='note'><b>Capped:</b> galleries for {len(chosen)} of {len(bundle.classes)} classes, "
@@ -326,7 +331,7 @@ def _galleries_html(run_dir: Path, recipe: Recipe, record: dict[str, Any] | None
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, per_class: int = PER_CLASS_DEFAULT,
-                 data: str | None = None) -> ReportResult:
+                 data: str | None = None, tta: str = "none") -> ReportResult:
     """Write the report of `run_dir` into `out` (default RUN_DIR/report): index.html and its images.
     Built in a temporary folder beside it and renamed, so a failed report leaves the last good one."""
     if per_class < 1:
@@ -341,7 +346,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     (tmp / "img").mkdir(parents=True)
     notes: list[str] = []
     try:
-        body = _report_body(run_dir, recipe, info, per_class, tmp, notes)
+        body = _report_body(run_dir, recipe, info, per_class, tmp, notes, tta)
         title = f"Report: {run_dir.name}"
         page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
@@ -352,15 +357,18 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     return ReportResult(out / "index.html", notes)
 
 
-def _report_body(run_dir: Path, recipe: Recipe, info: dict[str, Any], per_class: int, folder: Path, notes: list[str]) -> str:
+def _report_body(run_dir: Path, recipe: Recipe, info: dict[str, Any], per_class: int, folder: Path, notes: list[str],
+                 tta: str = "none") -> str:
     evals = phase_evals(run_dir, recipe)
+    tta_eval = run_dir / "eval-val-tta-flip.json"  # what `eval RUN_DIR --tta flip` writes
+    shown_evals = evals + ([("eval --tta flip", read_json(tta_eval))] if tta_eval.is_file() else [])
     classes = list(info.get("classes") or [])
     git = info.get("git", {})
     parts = [
         f"<p>Recipe <b>{html.escape(recipe.name)}</b>, model <b>{html.escape(recipe.model.arch)}</b>, "
         f"{len(classes)} classes, data {html.escape(str(recipe.data.path))}, commit {html.escape(str(git.get('commit', '?'))[:12])}"
         f"{' (dirty)' if git.get('dirty') else ''}. Written {time.strftime('%Y-%m-%d %H:%M')}.</p>",
-        "<h2 id='metrics'>Metrics</h2>", _metrics_html(evals),
+        "<h2 id='metrics'>Metrics</h2>", _metrics_html(shown_evals),
     ]
     if draw_curves(run_dir, folder / "img" / "curves.png") is not None:
         parts += ["<h2 id='curves'>Training curves</h2>", "<img src='img/curves.png' class='curves' alt='training curves' style='max-width:100%'>"]
@@ -388,5 +396,5 @@ def _report_body(run_dir: Path, recipe: Recipe, info: dict[str, Any], per_class:
             "<h2 id='per-class'>Per class</h2>", per_class_table_html(record, weights),
         ]
     parts += ["<h2 id='galleries'>Best and worst predictions per class</h2>",
-              _galleries_html(run_dir, recipe, last[1] if last else None, weights, per_class, folder / "img", notes)]
+              _galleries_html(run_dir, recipe, last[1] if last else None, weights, per_class, folder / "img", notes, tta)]
     return "".join(parts)

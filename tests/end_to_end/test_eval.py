@@ -7,15 +7,20 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import wandb_files
 from conftest import FAST, REPO, run_recipe, two_cpu_launcher
 from PIL import Image
 
 from trainer.__main__ import main
+from trainer.data import load_splits
+from trainer.evaluation import bundle_target
 from trainer.export import export
+from trainer.loop import build_eval_loader
 from trainer.run_folder import read_state
 
 # One epoch: the weights at the phase's end are those of its only (so best) checkpoint, so eval.json
@@ -123,6 +128,34 @@ def test_eval_command_on_a_bundle_scores_its_one_set_of_weights(trained, tmp_pat
     phase_end = json.loads((run_dir / "main" / "eval.json").read_text())
     source = json.loads((bundle / "config.json").read_text())["metrics"]["source"]
     assert_same_scores(record["model"], phase_end[source])
+
+
+def test_eval_with_flip_tta_scores_the_mean_of_each_image_and_its_mirror(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    bundle = export(run_dir, tmp_path / "bundle")
+    data = json.loads((run_dir / "recipe.json").read_text())["data"]["path"]
+    assert main(["eval", str(bundle), "--data", data, "--tta", "flip"]) == 0
+    assert "test-time augmentation: flip" in capsys.readouterr().out
+    record = json.loads((bundle / "eval-val-tta-flip.json").read_text())  # beside, not over, eval-val.json
+    assert record["tta"] == "flip" and record["samples"] == VAL_IMAGES
+    check_block(record["model"], record["classes"])
+    # The user's own TTA: the same eval loader's batches, their mirror images, the two softmaxes averaged.
+    target = bundle_target(bundle, data)
+    one_process = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
+    loader = build_eval_loader(target.recipe, target.phase, load_splits(target.recipe).val, one_process)
+    probs, labels = [], []
+    with torch.no_grad():
+        for images, batch_labels in loader:
+            mean = 0.5 * (torch.softmax(target.model(images), dim=1) + torch.softmax(target.model(torch.flip(images, dims=[3])), dim=1))
+            probs += [p for p, label in zip(mean, batch_labels) if label >= 0]
+            labels += [int(label) for label in batch_labels if label >= 0]
+    probs, labels = torch.stack(probs), torch.tensor(labels)
+    confusion = np.zeros((3, 3), np.int64)
+    np.add.at(confusion, (labels.numpy(), probs.argmax(1).numpy()), 1)
+    assert record["model"]["confusion"] == confusion.tolist()
+    assert record["model"]["loss"] == pytest.approx(float(-probs[torch.arange(len(labels)), labels].log().mean()), rel=1e-5)
+    plain = json.loads((run_dir / "main" / "eval.json").read_text())
+    assert plain.get("tta", "none") == "none" and record["model"]["loss"] != pytest.approx(plain[json.loads((bundle / "config.json").read_text())["metrics"]["source"]]["loss"])
 
 
 def test_eval_command_refuses_bad_inputs_with_one_line(trained, tmp_path, capsys):

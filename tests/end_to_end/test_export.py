@@ -305,3 +305,57 @@ def test_mlp_head_model_exports_and_reloads(tmp_path, tiny_imagenet, run_env):
     assert len(top) == 3 and {name for name, _ in top} == set(config["display_names"]) == {"tench", "goldfish", "great white shark"}
     heat, _ = gradcam(bundle, Image.open(val_images(tiny_imagenet)[0]))
     assert 0 <= heat.min() and heat.max() <= 1
+
+
+def preprocess_from_config(path: Path, recipe: dict) -> np.ndarray:
+    """What a user outside Python would write from config.json's "preprocessing": Pillow and numpy only."""
+    image = Image.open(path).convert(recipe["color"])
+    shorter = recipe["resize_shorter_side_px"]
+    w, h = image.size
+    scale = shorter / min(w, h)
+    size = (shorter, round(h * scale)) if w <= h else (round(w * scale), shorter)
+    if size != (w, h):
+        image = image.resize(size, Image.BILINEAR)
+    crop_h, crop_w = recipe["center_crop_px"]
+    left, top = round((size[0] - crop_w) / 2), round((size[1] - crop_h) / 2)
+    pixels = np.asarray(image.crop((left, top, left + crop_w, top + crop_h)), dtype=np.float32) * recipe["scale"]
+    pixels = (pixels - np.array(recipe["mean"], np.float32)) / np.array(recipe["std"], np.float32)
+    assert recipe["input_layout"] == "NCHW" and recipe["channel_order"] == "RGB"
+    return pixels.transpose(2, 0, 1).astype(np.float32)
+
+
+def test_onnx_export_answers_as_predict_does(exported, tiny_imagenet, tmp_path, capsys):
+    import onnxruntime
+
+    run_dir, _ = exported
+    out = tmp_path / "onnx-bundle"
+    assert main(["export", str(run_dir), "--out", str(out), "--onnx"]) == 0
+    assert "model.onnx differs from PyTorch by at most" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    checked = config["onnx"]
+    assert checked["file"] == "model.onnx" and checked["checked_on"] == "9 example images"
+    assert 0 <= checked["max_abs_diff"] <= checked["tolerance"] == 1e-3
+    assert "model.onnx" in (out / "README.md").read_text()
+    # ONNX Runtime on images preprocessed from config.json's words alone, three at once (the batch axis is
+    # dynamic; the export traced one image), against predict's probabilities.
+    paths = val_images(tiny_imagenet)[:3]
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.stack([preprocess_from_config(p, config["preprocessing"]) for p in paths])
+    logits = session.run([checked["output"]["name"]], {checked["input"]["name"]: batch})[0]
+    assert logits.shape == (3, 3)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    bundle = load_bundle(out)
+    for row, top in zip(probs, predict(bundle, [Image.open(p) for p in paths], topk=3)):
+        assert dict(zip(config["classes"], row.tolist())) == pytest.approx(dict(top), abs=1e-4)
+
+
+def test_onnx_export_refuses_a_model_onnx_gets_wrong(exported, tmp_path, monkeypatch):
+    """A tolerance nothing meets: the export fails and leaves no bundle."""
+    from trainer import onnx_model
+
+    run_dir, _ = exported
+    monkeypatch.setattr(onnx_model, "TOLERANCE", -1.0)
+    with pytest.raises(BundleError, match="model.onnx differs from the PyTorch model"):
+        export(run_dir, tmp_path / "refused", onnx=True)
+    assert not (tmp_path / "refused").exists()

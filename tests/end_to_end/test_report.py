@@ -161,3 +161,24 @@ def test_compare_two_runs(runs, tmp_path):
 def test_compare_refuses_what_is_not_a_run(tmp_path, runs):
     code, _, err = cli("compare", str(runs[0]), str(tmp_path))
     assert code == 2 and f"{tmp_path} is not a run folder" in err
+
+
+def test_report_says_when_tta_was_used(runs, tmp_path):
+    """`eval --tta flip` joins the metrics table as such; `report --tta flip` scores the galleries with it."""
+    _, run_dir = runs
+    code, _, err = cli("eval", str(run_dir), "--tta", "flip")
+    assert code == 0, err
+    record = json.loads((run_dir / "eval-val-tta-flip.json").read_text())
+    code, out, err = cli("report", str(run_dir), "--out", str(tmp_path / "report"), "--per-class", "2", "--tta", "flip")
+    assert code == 0, err
+    parser = PageParser()
+    parser.feed((tmp_path / "report" / "index.html").read_text(encoding="utf-8"))
+    text = " ".join(parser.text)
+    assert "eval --tta flip" in text and "model, TTA flip" in text and f"{record['model']['top1']:.4f}" in text
+    assert "scored by trainer.inference.predict with flip test-time augmentation" in text
+    bundle = load_bundle(run_dir / "bundle")
+    for figure in parser.figures:
+        attrs = figure["attrs"]
+        with Image.open(attrs["data-source"]) as image:
+            top = predict(bundle, [image.convert("RGB")], topk=len(bundle.classes), tta="flip")[0]
+        assert math.isclose(float(attrs["data-true-prob"]), dict(top)[attrs["data-class"]], abs_tol=1e-5)

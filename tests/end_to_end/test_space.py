@@ -202,6 +202,33 @@ def test_space_in_chromium(bundle, tmp_path):
                 page.wait_for_timeout(500)  # let the image finish painting
                 SCREENSHOT.parent.mkdir(exist_ok=True)
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+                # Flip TTA on: the probabilities become the mean over the image and its mirror; off: back again.
+                # On the image (an example, or a lopsided synthetic one) whose mirror changes the answer most.
+                lopsided = np.zeros((48, 48, 3), np.uint8)
+                lopsided[:, :16] = np.random.default_rng(0).integers(0, 256, (48, 16, 3))
+                Image.fromarray(lopsided).save(tmp_path / "lopsided.png")
+                candidates = [*examples, tmp_path / "lopsided.png"]
+
+                def answers(path: Path, tta: str) -> list[tuple[str, float]]:
+                    return inference.predict(model, [Image.open(path).convert("RGB")], topk=5, tta=tta)[0]
+
+                def flip_change(path: Path) -> float:
+                    return max(abs(dict(answers(path, "flip"))[n] - p) for n, p in answers(path, "none"))
+
+                chosen = max(candidates, key=flip_change)
+                assert flip_change(chosen) > 0.005, "the mirror must change the answer for this check to mean anything"
+                plain, flipped = answers(chosen, "none"), answers(chosen, "flip")
+
+                def shows(expected: list[tuple[str, float]]) -> bool:
+                    return np.allclose([dict(top5()).get(n, -1) for n, _ in expected], [p for _, p in expected], atol=1e-3)
+
+                page.locator("#input-image input[type=file]").set_input_files(str(chosen))
+                poll(lambda: shows(plain), "the top-5 of the image without TTA")
+                page.locator("#tta-toggle input[type=checkbox]").check()
+                poll(lambda: shows(flipped), "the flip-TTA top-5")
+                page.locator("#tta-toggle input[type=checkbox]").uncheck()
+                poll(lambda: shows(plain), "the plain top-5 again")
             finally:
                 browser.close()
     finally:
