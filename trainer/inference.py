@@ -37,7 +37,11 @@ class Bundle:
     config: dict
     classes: list[str]
     path: Path
-    names: list[str]
+    names: list[str] | None = None  # None: the folder names
+
+    def __post_init__(self) -> None:
+        if self.names is None:
+            self.names = list(self.classes)
 
 
 # -- the model -------------------------------------------------------------------------------------
