@@ -13,6 +13,7 @@ replaced by a stand-in, and the pipeline restarts at the same batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -528,20 +529,17 @@ def _blur(images, apply_draw, sigma_draw, prob: float, sigma_range: tuple[float,
     return fn.gaussian_blur(images, sigma=sigma, window_size=window)
 
 
-_noise_tables_cache: list = []
-
-
+@functools.cache
 def _noise_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The fixed tables Gaussian noise is read from: (values, row offsets, column offsets, channel offsets).
-    The values are standardised to mean 0 and standard deviation 1 exactly. Made once per process."""
-    if not _noise_tables_cache:
-        rng = np.random.default_rng(0x401CE)
-        values = rng.standard_normal(_NOISE_VALUES)
-        values = ((values - values.mean()) / values.std()).astype(np.float32)
-        rows, cols = rng.integers(0, _NOISE_VALUES, size=(2, 2 * _NOISE_MAX_SIDE_PX), dtype=np.int32)
-        channels = np.array([0, _NOISE_VALUES // 3, 2 * _NOISE_VALUES // 3], np.int32).reshape(1, 1, 3)
-        _noise_tables_cache.append((values, rows, cols, channels))
-    return _noise_tables_cache[0]
+    The values are standardised to mean 0 and standard deviation 1 exactly. A pure function of nothing:
+    the per-sample draws make each sample's noise its own."""
+    rng = np.random.default_rng(0x401CE)
+    values = rng.standard_normal(_NOISE_VALUES)
+    values = ((values - values.mean()) / values.std()).astype(np.float32)
+    rows, cols = rng.integers(0, _NOISE_VALUES, size=(2, 2 * _NOISE_MAX_SIDE_PX), dtype=np.int32)
+    channels = np.array([0, _NOISE_VALUES // 3, 2 * _NOISE_VALUES // 3], np.int32).reshape(1, 1, 3)
+    return values, rows, cols, channels
 
 
 def _add_noise(images, draws, first: int, std: float, size):
