@@ -11,3 +11,5 @@
 # ImageNet's per-channel mean and std of RGB in [0, 1]: the default normalisation of recipes and loaders.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# TrainAugment.auto_augment and Phase.auto_augment: off, AutoAugment's ImageNet policy, TrivialAugment-Wide.
+AUTO_AUGMENT_POLICIES = ("", "imagenet", "trivial")

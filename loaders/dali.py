@@ -13,6 +13,7 @@ replaced by a stand-in, and the pipeline restarts at the same batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -28,12 +29,12 @@ import numpy as np
 import torch
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
-from nvidia.dali.auto_aug import augmentations, rand_augment
+from nvidia.dali.auto_aug import augmentations, auto_augment, rand_augment, trivial_augment
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.pipeline import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from loaders import IMAGENET_MEAN, IMAGENET_STD, order
+from loaders import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD, order
 from loaders.headers import BadFile
 from loaders.recovery import DecodingStream, SampleGuard
 from loaders.screening import header_sizes, source_headers
@@ -55,6 +56,28 @@ _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 times before its
 _RAND_AUGMENT_BINS = 31  # magnitudes 0..30, torchvision's and DALI's RandAugment convention
 # Weights of torchvision's rgb_to_grayscale (ITU-R 601-2 luma), the centre of its contrast change.
 _GRAY = (0.299, 0.587, 0.114)
+# Streams of the augmentations added after the four above, each on its own (see `_optional_draws`).
+_HUE_STREAM = 4  # the hue shift
+_ROTATE_STREAM = 5  # the angle
+_VFLIP_STREAM = 6  # whether to flip
+_BLUR_STREAM = 7  # whether to blur, and sigma
+_NOISE_STREAM = 8  # where the sample's noise starts in the noise tables: row, column, value
+_NOISE_DRAWS = 3
+_AUTO_AUGMENT_STREAM = 9  # "imagenet": sub-policy, then per stage whether it runs and its sign; "trivial": op, magnitude, sign
+_AUTO_AUGMENT_DRAWS = {"imagenet": 5, "trivial": 3}
+_TRIVIAL_BINS = 31  # TrivialAugment-Wide's magnitude bins (torchvision's and DALI's)
+# Translations as a fraction of the side, so their strength does not depend on the resolution: AutoAugment's
+# ImageNet policy shifts up to 150/331 of the side as torchvision does; TrivialAugment-Wide up to 32 px of 224.
+_IMAGENET_POLICY_TRANSLATE = 150 / 331
+_TRIVIAL_TRANSLATE = 32 / 224
+_FILL_GREY = 128  # what geometric ops fill with (the RandAugment ops' fill, timm's grey)
+# Gaussian noise comes from fixed tables (DALI's random operators cannot be replayed on resume): the noise of
+# pixel (y, x, c) is _NOISE_VALUES[(rows[y + y0] + cols[x + x0] + channel[c] + shift) mod 2^16], with y0, x0 and
+# shift drawn per sample. 2^16 values is what fn.lookup_table holds; the row and column tables are twice
+# the largest side (8192 px) long, so any offset below 8192 leaves room for any image.
+_NOISE_VALUES = 1 << 16
+_NOISE_MAX_SIDE_PX = 8192
+_MAX_BLUR_SIGMA = 20.0  # px; a window of 2 * ceil(3 * sigma) + 1 = 121 px at most
 
 
 def resolve_decode_device(device: str) -> str:
@@ -241,6 +264,17 @@ class TrainAugment:
     `rand_augment_magnitude` of 0..30 as in torchvision, each op's sign drawn; nearest-neighbour warps
     filled with grey 128), then colour jitter (brightness, contrast and saturation each times a factor
     uniform in [max(0, 1 - s), 1 + s]: torchvision's ColorJitter(s, s, s) in that fixed order).
+
+    The later ones, each off by default, in the graph's order: after the crop, a vertical flip with
+    `vflip_prob`; a rotation by an angle uniform in ±`rotate_deg` degrees (counter-clockwise for a
+    positive angle, nearest-neighbour as torchvision's RandomRotation, same size, corners filled with
+    grey 128); `auto_augment` in RandAugment's place (DALI's AutoAugment "imagenet" policy or
+    TrivialAugment-Wide "trivial", their op choices, chances and signs drawn here; one of the two
+    policies at a time); a hue shift uniform in ±`hue` of the hue
+    circle after the colour jitter (torchvision's ColorJitter hue convention, 0 to 0.5, and its HSV
+    formula); a Gaussian blur with chance `blur_prob`, sigma uniform in `blur_sigma` px, window
+    2 * ceil(3 sigma) + 1; Gaussian noise of standard deviation `noise_std` on the 0-1 pixel scale
+    (torchvision's GaussianNoise convention: 255 * noise_std grey levels), clipped to the pixel range.
     All of it is driven by `augment_draws`, so it replays exactly on resume.
     """
 
@@ -252,6 +286,13 @@ class TrainAugment:
     color_jitter: float = 0.0
     rand_augment_layers: int = 0
     rand_augment_magnitude: int = 9
+    hue: float = 0.0
+    rotate_deg: float = 0.0
+    vflip_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    noise_std: float = 0.0
+    auto_augment: str = ""
 
     def __post_init__(self) -> None:
         if self.color_jitter < 0:
@@ -260,16 +301,55 @@ class TrainAugment:
             raise ValueError(f"rand_augment_layers must be >= 0, got {self.rand_augment_layers}")
         if not 0 <= self.rand_augment_magnitude < _RAND_AUGMENT_BINS:
             raise ValueError(f"rand_augment_magnitude must be in 0..{_RAND_AUGMENT_BINS - 1}, got {self.rand_augment_magnitude}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5] (a fraction of the hue circle, as torchvision's ColorJitter), got {self.hue}")
+        if not 0 <= self.rotate_deg <= 180:
+            raise ValueError(f"rotate_deg must be in [0, 180] degrees, got {self.rotate_deg}")
+        for name in ("vflip_prob", "blur_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi <= _MAX_BLUR_SIGMA:
+            raise ValueError(f"blur_sigma must be (lo, hi) px with 0 < lo <= hi <= {_MAX_BLUR_SIGMA:g}, got {self.blur_sigma}")
+        if not 0 <= self.noise_std <= 1:
+            raise ValueError(f"noise_std must be in [0, 1] (of the 0-1 pixel range, as torchvision's GaussianNoise), got {self.noise_std}")
+        if self.auto_augment not in AUTO_AUGMENT_POLICIES:
+            raise ValueError(f"auto_augment must be one of {AUTO_AUGMENT_POLICIES}, got {self.auto_augment!r}")
+        if self.auto_augment and self.rand_augment_layers > 0:
+            raise ValueError("auto_augment and rand_augment_layers are two policies for one slot: set one of them")
+
+
+def _optional_draws(aug: TrainAugment) -> list[tuple[str, int, int]]:
+    """(name, draws per sample, stream) of each optional augmentation switched on, in the order of their
+    columns after the first _DRAWS. One switched off has no columns, so the rows of a run without the
+    later ones are what they were before those existed."""
+    wanted = [
+        ("jitter", _JITTER_DRAWS, _JITTER_STREAM, aug.color_jitter > 0),
+        ("rand_augment", 2 * aug.rand_augment_layers, _RAND_AUGMENT_STREAM, aug.rand_augment_layers > 0),
+        ("hue", 1, _HUE_STREAM, aug.hue > 0),
+        ("rotate", 1, _ROTATE_STREAM, aug.rotate_deg > 0),
+        ("vflip", 1, _VFLIP_STREAM, aug.vflip_prob > 0),
+        ("blur", 2, _BLUR_STREAM, aug.blur_prob > 0),
+        ("noise", _NOISE_DRAWS, _NOISE_STREAM, aug.noise_std > 0),
+        ("auto_augment", _AUTO_AUGMENT_DRAWS.get(aug.auto_augment, 0), _AUTO_AUGMENT_STREAM, bool(aug.auto_augment)),
+    ]
+    return [(name, count, stream) for name, count, stream, on in wanted if on]
+
+
+def draw_columns(aug: TrainAugment) -> dict[str, int]:
+    """The first column of each optional augmentation's draws in a row of `augment_draws`."""
+    columns, first = {}, _DRAWS
+    for name, count, _ in _optional_draws(aug):
+        columns[name], first = first, first + count
+    return columns
 
 
 def augment_draws(num_samples: int, *, seed: int, epoch: int, aug: TrainAugment) -> np.ndarray:
-    """Every sample's uniforms for `epoch` as the train graph reads them: crop and flip, then jitter, then RandAugment."""
+    """Every sample's uniforms for `epoch` as the train graph reads them: crop and flip, then each optional
+    augmentation switched on (`draw_columns`), then the crop's further tries."""
     tables = [order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=_DRAWS)]
-    if aug.color_jitter > 0:
-        tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=_JITTER_DRAWS, stream=_JITTER_STREAM))
-    if aug.rand_augment_layers > 0:
-        count = 2 * aug.rand_augment_layers
-        tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=count, stream=_RAND_AUGMENT_STREAM))
+    for _, count, stream in _optional_draws(aug):
+        tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=count, stream=stream))
     # Last, so the columns above keep their places whatever is switched on.
     tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=2 * (_CROP_ATTEMPTS - 1), stream=_CROP_STREAM))
     return np.concatenate(tables, axis=1)
@@ -398,13 +478,167 @@ def _rand_augment(images, draws, first: int, *, layers: int, magnitude: int, siz
     return images
 
 
+def _on_device_of(images, node):
+    """`node` (a per-sample CPU value) where `images` are: arithmetic with GPU pixels needs GPU operands."""
+    return node.gpu() if images.device == "gpu" else node
+
+
+def _rotate(images, angle_draw, max_deg: float):
+    """torchvision's rotate by an angle uniform in ±max_deg degrees (same size, grey corners), nearest-neighbour
+    as torchvision's RandomRotation and our RandAugment: DALI's bilinear warp costs about 8x as much on the CPU."""
+    angle = (angle_draw * 2.0 - 1.0) * max_deg
+    return fn.rotate(images, angle=angle, keep_size=True, fill_value=_FILL_GREY, interp_type=types.INTERP_NN)
+
+
+def _adjust_hue(images, shift):
+    """torchvision's adjust_hue as DALI arithmetic: in HSV, the hue turned by `shift` (a fraction of the
+    circle), saturation and value kept. Float out on the 0-255 scale.
+
+    DALI's fn.hue turns the chroma plane of YIQ instead, which keeps luma rather than value and leaves
+    the gamut: tens of grey levels from torchvision's on saturated colours. Written with the compact
+    HSV-to-RGB formula: channel n in (5, 3, 1) is v - (v - m) * clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6 h) mod 6, where v and m are the pixel's largest and smallest channel.
+    """
+    shift = _on_device_of(images, shift)
+    r, g, b = (images[:, :, c] for c in range(3))
+    v = dmath.max(dmath.max(r, g), b)
+    m = dmath.min(dmath.min(r, g), b)
+    chroma = v - m
+    safe = dmath.max(chroma, 1e-6)  # grey pixels: any hue gives v for every channel
+    is_r, is_g = v == r, v == g
+    # The hue in sixths of the circle, torchvision's _rgb2hsv (red wins ties, then green).
+    hue6 = is_r * ((g - b) / safe) + (1 - is_r) * (is_g * (2.0 + (b - r) / safe) + (1 - is_g) * (4.0 + (r - g) / safe))
+    hue6 = hue6 + 6.0 * shift
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = n + hue6
+        k = k - 6.0 * dmath.floor(k / 6.0)
+        channels.append(v - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    return fn.stack(*channels, axis=2, axis_name="C")
+
+
+def _blur(images, apply_draw, sigma_draw, prob: float, sigma_range: tuple[float, float]):
+    """torchvision's gaussian_blur with chance `prob`, sigma uniform in `sigma_range`, window 2 * ceil(3 sigma) + 1.
+
+    A sample left sharp gets a window of one pixel (weight 1: its pixels unchanged), so no conditional is needed.
+    """
+    lo, hi = sigma_range
+    sigma = lo + sigma_draw * (hi - lo)
+    blurred = fn.cast(apply_draw < prob, dtype=types.FLOAT)
+    window = fn.cast(1.0 + blurred * 2.0 * dmath.ceil(3.0 * sigma), dtype=types.INT32)
+    return fn.gaussian_blur(images, sigma=sigma, window_size=window)
+
+
+@functools.cache
+def _noise_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed tables Gaussian noise is read from: (values, row offsets, column offsets, channel offsets).
+    The values are standardised to mean 0 and standard deviation 1 exactly. A pure function of nothing:
+    the per-sample draws make each sample's noise its own."""
+    rng = np.random.default_rng(0x401CE)
+    values = rng.standard_normal(_NOISE_VALUES)
+    values = ((values - values.mean()) / values.std()).astype(np.float32)
+    rows, cols = rng.integers(0, _NOISE_VALUES, size=(2, 2 * _NOISE_MAX_SIDE_PX), dtype=np.int32)
+    channels = np.array([0, _NOISE_VALUES // 3, 2 * _NOISE_VALUES // 3], np.int32).reshape(1, 1, 3)
+    return values, rows, cols, channels
+
+
+def _add_noise(images, draws, first: int, std: float, size):
+    """Gaussian noise of standard deviation `std` (0-1 pixel scale) added on the 0-255 scale, then clipped.
+
+    DALI's fn.noise.gaussian draws from its own generator, which a resumed pipeline cannot replay, and
+    feeding a value per pixel would make the feed cost the image's size: each pixel's value is read
+    from a fixed table of 2^16 standard normals at an index made of per-row, per-column and per-channel
+    offsets and three per-sample draws (`_noise_tables`). Neighbouring pixels get unrelated values;
+    about one value in 2^16 repeats across an image, which does not matter for augmentation.
+    """
+    values, rows, cols, channels = _noise_tables()
+    start = [fn.cast(dmath.floor(draws[first + k : first + k + 1] * _NOISE_MAX_SIDE_PX), dtype=types.INT32) for k in (0, 1)]
+    side = fn.cast(size, dtype=types.INT32)
+    row = fn.reshape(fn.slice(types.Constant(rows), start=start[0], shape=side[0:1], axes=[0]), shape=[-1, 1, 1])
+    col = fn.reshape(fn.slice(types.Constant(cols), start=start[1], shape=side[1:2], axes=[0]), shape=[1, -1, 1])
+    shift = fn.cast(dmath.floor(draws[first + 2] * _NOISE_VALUES), dtype=types.INT32)
+    row, col, shift = (_on_device_of(images, node) for node in (row, col, shift))
+    channel = _on_device_of(images, types.Constant(channels))
+    index = (row + col + channel + shift) & (_NOISE_VALUES - 1)
+    noise = fn.lookup_table(index, keys=list(range(_NOISE_VALUES)), values=values.tolist(), dtype=types.FLOAT)
+    return dmath.clamp(images + noise * (255.0 * std), 0.0, 255.0)
+
+
+def _undeprecated(op):
+    """`op` with DALI's deprecated sharpness and equalize aliases swapped for the same ops (see `_sharpness`)."""
+    if op.name == "sharpness":
+        return _sharpness.augmentation(mag_range=op.mag_range, randomly_negate=op.randomly_negate, mag_to_param=op.mag_to_param)
+    return _equalize if op.name == "equalize" else op
+
+
+def imagenet_policy_stages():
+    """DALI's AutoAugment ImageNet policy as tables our draws index: (sub-policies, stages, ops per stage,
+    op index, chance and magnitude bin per (sub-policy, stage)); a stage a sub-policy lacks has chance 0.
+    Translations reach 150/331 of the side, as in torchvision's policy."""
+    policy = auto_augment.get_image_net_policy(use_shape=True, max_translate_rel=_IMAGENET_POLICY_TRANSLATE)
+    subs = policy.sub_policies
+    stages = max(len(sub) for sub in subs)
+    ops = [[] for _ in range(stages)]
+    index = np.zeros((len(subs), stages), np.int32)
+    chance = np.zeros((len(subs), stages), np.float32)  # 0: the stage never runs
+    magnitude = np.zeros((len(subs), stages), np.int32)
+    for i, sub in enumerate(subs):
+        for stage, (op, p, mag) in enumerate(sub):
+            if op not in ops[stage]:
+                ops[stage].append(op)
+            index[i, stage], chance[i, stage], magnitude[i, stage] = ops[stage].index(op), p, mag or 0
+    ops = [[_undeprecated(op) for op in stage] for stage in ops]
+    return policy, ops, index, chance, magnitude
+
+
+def trivial_augment_ops() -> list:
+    """TrivialAugment-Wide's 14 ops as our draws index them: DALI's suite, translations up to 32/224 of the side."""
+    suite = trivial_augment.get_trivial_augment_wide_suite(use_shape=True, max_translate_rel=_TRIVIAL_TRANSLATE)
+    return [_undeprecated(op) for op in suite]
+
+
+def _pick(draw, n: int):
+    """floor(u * n) in 0..n-1 as INT32 (min guards a float32 product that rounds up to n)."""
+    return fn.cast(dmath.min(dmath.floor(draw * n), n - 1), dtype=types.INT32)
+
+
+def _auto_augment(images, draws, first: int, *, policy: str, size):
+    """DALI's AutoAugment ImageNet policy or TrivialAugment-Wide, with the choices `auto_augment` and
+    `trivial_augment_wide` make with fn.random (which a resumed pipeline cannot replay) taken from our draws.
+
+    "imagenet": a sub-policy uniform of 25, then each of its (up to) two stages runs with its chance, at its
+    fixed magnitude bin of 11, sign drawn. "trivial": one op uniform of 14, a magnitude bin uniform of 31,
+    sign drawn. Nearest-neighbour warps filled with grey 128, as in our RandAugment.
+    """
+    common = dict(shape=size, fill_value=_FILL_GREY, interp_type=types.INTERP_NN)
+    if policy == "trivial":
+        ops = trivial_augment_ops()
+        magnitude = signed_bin(_pick(draws[first + 1], _TRIVIAL_BINS), random_sign=fn.cast(draws[first + 2] < 0.5, dtype=types.INT32))
+        return select(ops, _pick(draws[first], len(ops)), data=images, magnitude_bin=magnitude, num_magnitude_bins=_TRIVIAL_BINS, **common)
+    table, ops, index, chance, magnitude = imagenet_policy_stages()
+    sub = _pick(draws[first], len(table.sub_policies))
+    signs = fn.cast(draws[first + 1 + len(ops) : first + 1 + 2 * len(ops)] < 0.5, dtype=types.INT32)
+    magnitudes = signed_bin(types.Constant(magnitude)[sub], random_sign=signs)
+    chances, op_index = types.Constant(chance)[sub], types.Constant(index)[sub]
+    for stage, stage_ops in enumerate(ops):
+        if draws[first + 1 + stage] < chances[stage]:
+            images = select(
+                stage_ops, op_index[stage], data=images, magnitude_bin=magnitudes[stage],
+                num_magnitude_bins=table.num_magnitude_bins, **common,
+            )
+    return images
+
+
 def _build_train_pipeline(
     callback, *, batch_size, num_threads, device_id, decode_device, aug, channels_last,
     decode_mode="roi", read_files=False, prefetch_depth=2,
 ):
     # RandAugment picks one op per sample with `if` on a per-sample index: DALI's conditionals, which
     # need the graph traced as a pipeline_def. Left off otherwise, so the graph without it is unchanged.
-    @pipeline_def(enable_conditionals=aug.rand_augment_layers > 0)
+    # So do the auto_augment policies.
+    columns = draw_columns(aug)
+
+    @pipeline_def(enable_conditionals=aug.rand_augment_layers > 0 or bool(aug.auto_augment))
     def graph():
         # Two arrays per batch (each feed_input costs DALI ~1 µs per sample, whatever its width): the files'
         # paths, NUL-padded to one length (or, for an in-memory source, the encoded bytes); and one float32
@@ -441,13 +675,28 @@ def _build_train_pipeline(
                 images, size=size, roi_start=window[0:2], roi_end=window[2:4], roi_relative=False,
                 interp_type=types.INTERP_LINEAR, antialias=True,
             )
+        if aug.vflip_prob > 0:
+            images = fn.flip(images, horizontal=0, vertical=fn.cast(draws[columns["vflip"]] < aug.vflip_prob, dtype=types.INT32))
+        if aug.rotate_deg > 0:
+            images = _rotate(images, draws[columns["rotate"]], aug.rotate_deg)
         if aug.rand_augment_layers > 0:
             first = _DRAWS + (_JITTER_DRAWS if aug.color_jitter > 0 else 0)
             images = _rand_augment(
                 images, draws, first, layers=aug.rand_augment_layers, magnitude=aug.rand_augment_magnitude, size=size
             )
+        if aug.auto_augment:
+            images = _auto_augment(images, draws, columns["auto_augment"], policy=aug.auto_augment, size=size)
         if aug.color_jitter > 0:
             images = _color_jitter(images, draws, aug.color_jitter)
+        if aug.hue > 0:
+            if aug.color_jitter == 0:
+                images = fn.cast(images, dtype=types.FLOAT)  # the channels' differences below need signs
+            images = _adjust_hue(images, (draws[columns["hue"]] * 2.0 - 1.0) * aug.hue)
+        if aug.blur_prob > 0:
+            first = columns["blur"]
+            images = _blur(images, draws[first], draws[first + 1], aug.blur_prob, aug.blur_sigma)
+        if aug.noise_std > 0:
+            images = _add_noise(images, draws, columns["noise"], aug.noise_std, size)
         # The flip happens in crop_mirror_normalize, after RandAugment rather than before it as in timm:
         # the same distribution, since every geometric op's sign is drawn symmetric.
         flip = fn.cast(draws[4] < aug.hflip_prob, dtype=types.INT32)

@@ -110,6 +110,13 @@ def build_loaders(recipe: Recipe, phase: Phase, phase_index: int, data: Splits, 
         color_jitter=phase.color_jitter,
         rand_augment_layers=phase.rand_augment_layers,
         rand_augment_magnitude=phase.rand_augment_magnitude,
+        hue=phase.hue,
+        rotate_deg=phase.rotate_deg,
+        vflip_prob=phase.vflip_prob,
+        blur_prob=phase.blur_prob,
+        blur_sigma=phase.blur_sigma,
+        noise_std=phase.noise_std,
+        auto_augment=phase.auto_augment,
     )
     loader = TrainLoader(
         data.train,

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from loaders import IMAGENET_MEAN, IMAGENET_STD
+from loaders import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD
 from loaders.screening import BAD_FILE_POLICIES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -191,6 +191,14 @@ class Phase:
     rand_augment_layers: int = 0  # DALI RandAugment: ops per image; 0 = off
     rand_augment_magnitude: int = 9  # DALI RandAugment magnitude (0-30)
     color_jitter: float = 0.0  # brightness/contrast/saturation strength (timm's 0.4 convention); 0 = off
+    # Photo augmentations, each off by default and drawn from (seed, epoch, sample) like the ones above:
+    hue: float = 0.0  # colour jitter's hue: shift uniform in ±hue of the hue circle (torchvision's 0-0.5 convention)
+    rotate_deg: float = 0.0  # rotation by an angle uniform in ±rotate_deg degrees (nearest-neighbour, grey corners)
+    vflip_prob: float = 0.0  # vertical flip (for images with no "up": leaves, skin, cells)
+    blur_prob: float = 0.0  # chance of a Gaussian blur, sigma uniform in blur_sigma
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # px, torchvision's GaussianBlur default range
+    noise_std: float = 0.0  # Gaussian noise on the 0-1 pixel scale (torchvision's GaussianNoise): x 255 grey levels
+    auto_augment: str = ""  # "imagenet" = AutoAugment's ImageNet policy, "trivial" = TrivialAugment-Wide (DALI's); not with rand_augment_layers
     ema_decay: float = 0.0  # 0 turns EMA off; 0.9998 is timm's ImageNet default
     ema_warmup: bool = False  # timm's EMA warmup: decay ramps up from 0 (helps short runs)
     # > 0: the EMA's decay follows the phase's length: it averages over about this fraction of the phase's
@@ -247,6 +255,13 @@ class Phase:
         _check(0 <= self.random_erasing <= 1, f"{p}: random_erasing must be in [0, 1], got {self.random_erasing}")
         _check(self.rand_augment_layers >= 0 and 0 <= self.rand_augment_magnitude <= 30, f"{p}: rand_augment_layers >= 0 and rand_augment_magnitude in 0..30")
         _check(self.color_jitter >= 0, f"{p}: color_jitter must be >= 0")
+        _check(0 <= self.hue <= 0.5, f"{p}: hue must be in [0, 0.5] (a fraction of the hue circle, as torchvision's ColorJitter), got {self.hue}")
+        _check(0 <= self.rotate_deg <= 180, f"{p}: rotate_deg must be in [0, 180] degrees (15 is the usual choice), got {self.rotate_deg}")
+        _check(0 <= self.vflip_prob <= 1 and 0 <= self.blur_prob <= 1, f"{p}: vflip_prob and blur_prob must be in [0, 1], got {self.vflip_prob} and {self.blur_prob}")
+        _check(0 < self.blur_sigma[0] <= self.blur_sigma[1] <= 20, f"{p}: blur_sigma must be (lo, hi) px with 0 < lo <= hi <= 20, got {self.blur_sigma}")
+        _check(0 <= self.noise_std <= 1, f"{p}: noise_std must be in [0, 1] (of the 0-1 pixel range; 0.02-0.1 is typical), got {self.noise_std}")
+        _check(self.auto_augment in AUTO_AUGMENT_POLICIES, f"{p}: auto_augment must be one of {AUTO_AUGMENT_POLICIES}, got {_shown(self.auto_augment)}")
+        _check(not (self.auto_augment and self.rand_augment_layers), f"{p}: auto_augment and rand_augment_layers are two policies for one slot: set rand_augment_layers=0 or auto_augment=\"\"")
         _check(self.res_px_end == 0 or self.res_px_end >= 8, f"{p}: res_px_end must be 0 (off) or >= 8")
         _check(0 <= self.res_ramp_epochs[0] <= self.res_ramp_epochs[1], f"{p}: res_ramp_epochs must be (start, end) with 0 <= start <= end")
         _check(self.res_step_px >= 1, f"{p}: res_step_px must be >= 1, got {self.res_step_px}")
