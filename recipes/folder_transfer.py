@@ -38,6 +38,7 @@ RECIPE = Recipe(
             label_smoothing=0.1,
             res_px=224,
             crop_scale=(0.35, 1.0),  # milder crops than ImageNet's 0.08: objects fill these photos
+            rotate_deg=15,  # hand-held photos are rarely level
             keep_best_k=1,
         ),
         Phase(
@@ -60,6 +61,10 @@ RECIPE = Recipe(
             res_px=224,
             crop_scale=(0.35, 1.0),
             color_jitter=0.2,
+            rotate_deg=15,
+            blur_prob=0.1,  # out-of-focus phone photos (sigma 0.1-2.0 px)
+            # Leaves, skin and cells have no "up": add --set phases.1.vflip_prob=0.5 (and phases.0); not
+            # the default, since cats and dogs do. Plants: hue=0.02 (skin: leave 0, colour is diagnostic).
             early_stop_patience=3,  # stop when best val top-1 (model or EMA) stalls 3 epochs ...
             early_stop_after=0.5,  # ... once the cosine is half way down
             early_stop_metric="best_top1",
