@@ -29,6 +29,7 @@ from trainer.data import Splits, data_checksum, load_splits, phase_splits, repor
 from trainer.holdout import score_test
 from trainer.hub import push_in_background
 from trainer.loop import Diverged, train_phase
+from trainer.machines import check_shared_run_folder, local_run_folder
 from trainer.model import check_initial_weights, check_names, create_model, initialize
 from trainer.optim import class_weights
 from trainer.preemption import Preempted, StopSignals
@@ -170,14 +171,17 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
     # Every process must agree on the folder (timestamps differ by a second across processes).
     found = [_find_run_dir(recipe, run_dir, resume) if accelerator.is_main_process else None]
     broadcast_object_list(found)
-    run_path, resume_from = Path(found[0][0]), found[0][1]
+    run_path, resume_from = local_run_folder(Path(found[0][0]), found[0][1], run_dir, resume)
     if resume_from is None and (run_path / RUN_INFO).exists() and not resume:
         raise RecipeError(f"{run_path} already holds a run; pass --resume auto to continue it, or another --run-dir")
     if run_path.exists() and not run_path.is_dir():
         raise RecipeError(f"--run-dir {run_path} is a file, not a folder")
     # Initial weights of the phases still to start: found and fitting, before the run folder exists.
     check_initial_weights(recipe, num_classes, read_state(resume_from)["phase_index"] + 1 if resume_from else 0)
+    # Every process sees the run folder (one filesystem on every machine), or a clear stop before any work.
+    processes = check_shared_run_folder(accelerator, run_path)
     info = RunInfo(run_path, accelerator, recipe, splits)
+    info.update(processes=processes)
     accelerator.print(f"run folder: {run_path}")
     if info.record["class_balance"]["hint"]:
         accelerator.print(f"hint: {info.record['class_balance']['hint']}")
