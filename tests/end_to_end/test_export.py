@@ -347,7 +347,7 @@ def test_onnx_export_answers_as_predict_does(exported, tiny_imagenet, tmp_path, 
     probs /= probs.sum(1, keepdims=True)
     bundle = load_bundle(out)
     for row, top in zip(probs, predict(bundle, [Image.open(p) for p in paths], topk=3)):
-        assert dict(zip(config["classes"], row.tolist())) == pytest.approx(dict(top), abs=1e-4)
+        assert dict(zip(config["display_names"], row.tolist())) == pytest.approx(dict(top), abs=1e-4)
 
 
 def test_onnx_export_refuses_a_model_onnx_gets_wrong(exported, tmp_path, monkeypatch):

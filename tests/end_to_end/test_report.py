@@ -181,4 +181,4 @@ def test_report_says_when_tta_was_used(runs, tmp_path):
         attrs = figure["attrs"]
         with Image.open(attrs["data-source"]) as image:
             top = predict(bundle, [image.convert("RGB")], topk=len(bundle.classes), tta="flip")[0]
-        assert math.isclose(float(attrs["data-true-prob"]), dict(top)[attrs["data-class"]], abs_tol=1e-5)
+        assert math.isclose(float(attrs["data-true-prob"]), dict(top)[attrs["data-name"]], abs_tol=1e-5)
