@@ -146,6 +146,12 @@ def screen(source, split: str, table: HeaderTable | None = None):
     return replace(kept, findings=tuple(findings), sizes=table.sizes[keep])
 
 
+def _listed(bad: list[Finding], shown: int = 50) -> str:
+    """The first `shown` bad files as the "stop" error lists them, one per line, and how many more."""
+    listed = "\n".join(f"  {f.split}: {f.path}  ({f.kind}: {f.detail})" for f in bad[:shown])
+    return listed + (f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else "")
+
+
 def screen_splits(train, val, policy: str, tables: list[HeaderTable] | None = None):
     """Both splits screened as `data.bad_files` says: "skip" drops bad files (a pure function of the
     files' bytes, so every process and every resume drops the same ones); "stop" raises DataError
@@ -157,10 +163,8 @@ def screen_splits(train, val, policy: str, tables: list[HeaderTable] | None = No
     train, val = screen(train, "train", train_table), screen(val, "val", val_table)
     bad = [f for f in train.findings + val.findings if f.kind in BAD_KINDS]
     if bad and policy == "stop":
-        listed = "\n".join(f"  {f.split}: {f.path}  ({f.kind}: {f.detail})" for f in bad[:50])
-        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
         raise DataError(
-            f"{len(bad)} bad image file(s) and data.bad_files='stop':\n{listed}{more}\n"
+            f"{len(bad)} bad image file(s) and data.bad_files='stop':\n{_listed(bad)}\n"
             "fix or remove them, or set data.bad_files=skip to train without them "
             "(python -m trainer check-data PATH lists every problem)"
         )
@@ -177,10 +181,8 @@ def screen_test(test, policy: str, table: HeaderTable | None = None):
     test = screen(test, "test", table)
     bad = [f for f in test.findings if f.kind in BAD_KINDS]
     if bad and policy == "stop":
-        listed = "\n".join(f"  test: {f.path}  ({f.kind}: {f.detail})" for f in bad[:50])
-        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
         raise DataError(
-            f"{len(bad)} bad image file(s) in the test split and data.bad_files='stop':\n{listed}{more}\n"
+            f"{len(bad)} bad image file(s) in the test split and data.bad_files='stop':\n{_listed(bad)}\n"
             "fix or remove them, or set data.bad_files=skip to score without them"
         )
     return test
