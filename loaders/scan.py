@@ -1,5 +1,6 @@
 """The full scan of a dataset folder behind `python -m trainer check-data`: its layout, every file's
-structure, a decode of every file through DALI's CPU decoder, and files duplicated across splits."""
+structure, a decode of every file through DALI's CPU decoder, and files duplicated across splits
+(train, and the val/ and test/ folders beside it)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from loaders.sources import IMAGE_SUFFIXES, class_balance, class_dirs, image_fil
 @dataclass
 class DatasetReport:
     root: str
-    layout: str  # "train/val" or "one folder"
+    layout: str  # "train/val", "train/val/test" (a test/ folder beside train/) or "one folder"
     classes: list[str]
     images: dict[str, int]  # per split
     findings: list[Finding]
@@ -43,7 +44,7 @@ class DatasetReport:
         return {
             "root": self.root, "layout": self.layout, "classes": self.classes, "images": self.images,
             "decoded": self.decoded, "exit_code": self.exit_code, "counts": self.counts(),
-            "class_balance": self.balance, "imbalance_hint": imbalance_hint(*self.balance.values()),
+            "class_balance": self.balance, "imbalance_hint": training_hint(self.balance),
             "findings": [f.to_dict() for f in self.findings],
         }
 
@@ -52,22 +53,25 @@ def _layout(root: Path) -> tuple[str, dict[str, dict[str, list[str]]], list[Find
     """(layout, {split: {class: files}}, dataset-level findings), all of them, not just the first."""
     if not root.is_dir():
         return "none", {}, [Finding("no-data", str(root), "no such folder")]
-    splits = ("train", "val") if (root / "train").is_dir() else ("all",)
+    splits = ("train", "val", "test") if (root / "train").is_dir() else ("all",)
     found: dict[str, dict[str, list[str]]] = {}
     problems = []
     for split in splits:
         folder = root / split if split != "all" else root
-        if split == "val" and not folder.is_dir():
+        if split in ("val", "test") and not folder.is_dir():
             continue
         found[split] = {d.name: image_files(d) for d in class_dirs(folder)}
-        if not found[split] and split != "val":
+        # A val/ or test/ folder without class folders stops a run as train/ does (sources.image_folder_sources).
+        if not found[split]:
             problems.append(Finding("no-data", str(folder), "no class folders (expected <folder>/<class>/<image>)", split))
         for name, files in found[split].items():
             if not files:
                 problems.append(Finding("empty-class", str(folder / name), f"no {'/'.join(IMAGE_SUFFIXES)} files", split))
-    for name in sorted(set(found.get("val", {})) - set(found.get("train", {}))):
-        problems.append(Finding("val-only-class", str(root / "val" / name), "train has no folder of that name", "val"))
-    return ("train/val" if splits[0] == "train" else "one folder"), found, problems
+    for split in ("val", "test"):
+        for name in sorted(set(found.get(split, {})) - set(found.get("train", {}))):
+            problems.append(Finding(f"{split}-only-class", str(root / split / name), "train has no folder of that name", split))
+    layout = "one folder" if splits[0] == "all" else "train/val/test" if "test" in found else "train/val"
+    return layout, found, problems
 
 
 def _digest(path: str) -> str:
@@ -115,12 +119,13 @@ def scan_dataset(
     threads: int = 2,
     progress: Callable[[str, int], Callable[[int], object]] | None = None,
 ) -> DatasetReport:
-    """Every problem of an ImageFolder at once: layout (empty, val-only classes), each file's structure,
-    with `decode` each remaining file through DALI's CPU decoder (the one training uses without a GPU),
-    and duplicates across train and val. `progress(label, total)` returns a per-file advance callable."""
+    """Every problem of an ImageFolder at once: layout (empty, val-only and test-only classes), each file's
+    structure, with `decode` each remaining file through DALI's CPU decoder (the one training uses without
+    a GPU), and duplicates across train, val and test. `progress(label, total)` returns a per-file advance
+    callable. A test class whose every image is bad is no finding: a run scores the test split it has."""
     root = Path(root)
     layout, found, findings = _layout(root)
-    split_of = {"all": "", "train": "train", "val": "val"}
+    split_of = {"all": "", "train": "train", "val": "val", "test": "test"}
     entries = [(split_of[split], name, path) for split, classes in found.items() for name, files in classes.items() for path in files]
     paths = [path for _, _, path in entries]
     advance = progress("structure", len(paths)) if progress else None
@@ -193,6 +198,12 @@ def balance_lines(balance: dict[str, dict], shown: int = 20) -> Iterable[str]:
         listed = ", ".join(f"{name} {n}" for name, n in list(counts.items())[:shown])
         more = f", ... {len(counts) - shown} more" if len(counts) > shown else ""
         yield f"{split}: imbalance ratio {ratio} (largest/smallest class); per class: {listed}{more}"
-    hint = imbalance_hint(*balance.values())
+    hint = training_hint(balance)
     if hint:
         yield f"hint: {hint}"
+
+
+def training_hint(balance: dict[str, dict]) -> str | None:
+    """The imbalance hint from the splits a run's choices answer to (train and val, or one folder), as a run
+    gives it in run.json: the test split trains and selects nothing, so its ratio is reported, not hinted on."""
+    return imbalance_hint(*(summary for split, summary in balance.items() if split != "test"))

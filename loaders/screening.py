@@ -45,9 +45,10 @@ KINDS: dict[str, Kind] = {
     "alpha": Kind("RGB with an alpha channel (dropped)", CONVERT),
     "huge": Kind(f"more than {HUGE_PIXELS // 1_000_000} megapixels", KEEP),
     "tiny": Kind(f"shorter side under {TINY_SIDE_PX} px", KEEP),
-    "duplicate": Kind("the same bytes in train and val (val scores leak)", KEEP),
+    "duplicate": Kind("the same bytes in two splits: train and val or test (held-out scores leak)", KEEP),
     "empty-class": Kind("a class folder without image files", STOP),
     "val-only-class": Kind("a class folder in val that train does not have", STOP),
+    "test-only-class": Kind("a class folder in test that train does not have", STOP),
     "no-usable-images": Kind("a training class whose every image is bad", STOP),
     "no-data": Kind("the folder is missing or holds no class folders", STOP),
 }

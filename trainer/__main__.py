@@ -341,18 +341,19 @@ CHECK_DATA_EXIT_CODES = """exit status:
      when it meets them, and trains on huge, tiny and duplicated files as they are
      (data.bad_files=stop makes the bad files stop the run instead)
   2  an unusable dataset, a training run stops before it starts: missing folder, no class
-     folders, empty class folders, class folders only in val, a class whose every image is bad"""
+     folders, empty class folders, class folders only in val or test, a class whose every image is bad"""
 
 
 def add_check_data(subparsers) -> None:
     parser = subparsers.add_parser(
         "check-data",
         help="scan a dataset for bad images and layout problems: a table of counts and paths, or --json",
-        description="Scan an ImageFolder (PATH/train/<class>/* + PATH/val/<class>/*, or PATH/<class>/*) for what "
+        description="Scan an ImageFolder (PATH/train/<class>/* + PATH/val/<class>/* and an optional PATH/test/<class>/*, "
+        "or PATH/<class>/*) for what "
         "training would skip, convert or stop on: unreadable, zero-byte, truncated, non-image, unsupported, "
         "corrupt and undecodable files; CMYK, greyscale, 16-bit, palette and alpha images; huge (> 50 MP) and tiny (shorter side "
-        "< 32 px) images; empty class folders, class folders only in val, and files duplicated across train and "
-        "val (same bytes). Each file's structure is checked, then it is decoded with DALI's CPU decoder "
+        "< 32 px) images; empty class folders, class folders only in val or test, and files duplicated across "
+        "splits (same bytes); and each split's images per class and imbalance ratio. Each file's structure is checked, then it is decoded with DALI's CPU decoder "
         "(--structure-only skips that: the same check a training run makes before it starts).",
         epilog=CHECK_DATA_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -15,15 +15,17 @@ import bad_files
 import numpy as np
 import pytest
 from bad_files import BIT_ROT, CONVERTED, KEPT, SKIPPED, by_name
-from conftest import CLASSES, FAST, REPO
+from conftest import CLASSES, FAST, REPO, write_image_folder
 from PIL import Image
 
 from loaders.dali import EvalLoader, TrainLoader
 from loaders.headers import BadFile, read_file_header
 from loaders.screening import screen
-from loaders.sources import image_folder_splits, scan_image_folder
+from loaders.sources import DataError, image_folder_sources, image_folder_splits, scan_image_folder
 from trainer.__main__ import load_recipe, main
+from trainer.data import load_splits
 from trainer.launch import run
+from trainer.recipe import Data, Phase, Recipe
 
 
 def check_data(capsys, *args: str) -> tuple[int, str]:
@@ -72,6 +74,68 @@ def test_check_data_exit_codes(bad_folder, tiny_imagenet, capsys):
     assert status == 0 and "no problems found" in out
     status, out = check_data(capsys, str(bad_folder / "nope"))
     assert status == 2 and "no-data" in out
+
+
+def test_check_data_reports_a_test_folder_as_the_run_reads_it(tmp_path, capsys, monkeypatch):
+    """A test/ folder beside train/ and val/: its images, bad files, duplicates, per-class counts and ratio,
+    the same test images a run keeps (load_splits), and no imbalance hint from test alone (as run.json)."""
+    monkeypatch.setenv("IMGCLS_HEADER_CACHE", "off")
+    root = write_image_folder(tmp_path / "data", {"train": 4, "val": 2, "test": 4})
+    for wnid, keep in zip(CLASSES, (4, 2, 1)):  # test: 4, 2, 1 per class
+        for extra in sorted((root / "test" / wnid).iterdir())[keep:]:
+            extra.unlink()
+    cut = root / "test" / CLASSES[2] / "cut.JPEG"
+    cut.write_bytes((root / "test" / CLASSES[2] / f"{CLASSES[2]}_0.JPEG").read_bytes()[:300])
+    copy = root / "test" / CLASSES[1] / "copy.JPEG"
+    shutil.copyfile(root / "train" / CLASSES[1] / f"{CLASSES[1]}_3.JPEG", copy)
+
+    status, out = check_data(capsys, str(root), "--json")
+    assert status == 1  # a run copes: skips the cut file, scores the copy
+    report = json.loads(out)
+    assert report["layout"] == "train/val/test" and report["images"] == {"train": 12, "val": 6, "test": 9}
+    assert {(f["kind"], f["split"], f["path"]) for f in report["findings"]} == {
+        ("truncated", "test", str(cut)), ("duplicate", "test", str(copy))}
+    test_counts = {CLASSES[0]: 4, CLASSES[1]: 3, CLASSES[2]: 1}  # usable images: the cut file does not count
+    assert report["class_balance"]["test"] == {"counts": test_counts, "ratio": 4.0}
+    assert report["class_balance"]["train"]["ratio"] == report["class_balance"]["val"]["ratio"] == 1.0
+    assert report["imbalance_hint"] is None  # test trains and selects nothing: run.json hints on train and val
+    run_test = load_splits(Recipe(name="t", data=Data(path=str(root)), phases=(Phase(epochs=1),))).test
+    assert run_test.class_counts() == test_counts and str(cut) not in run_test.files
+
+    status, table = check_data(capsys, str(root), "--structure-only")
+    lines = table.splitlines()
+    assert lines[0] == f"{root}: train/val/test, 3 classes, 12 train, 6 val, 9 test images (structure only, not decoded)"
+    assert f"test: imbalance ratio 4.0 (largest/smallest class); per class: {CLASSES[0]} 4, {CLASSES[1]} 3, {CLASSES[2]} 1" in lines
+    assert not any(line.startswith("hint:") for line in lines)
+    assert re.search(r"^truncated +1  skipped$", table, re.M) and re.search(r"^duplicate +1  trained on as is$", table, re.M)
+    assert f"  {copy}  (same bytes as {root / 'train' / CLASSES[1] / (CLASSES[1] + '_3.JPEG')})" in lines
+
+
+def test_check_data_stops_on_a_test_folder_a_run_refuses(tmp_path, capsys):
+    """A class only test/ has, an empty test class folder, a test/ without class folders: exit 2, as a run
+    stops on each (loaders.sources.image_folder_sources)."""
+    root = write_image_folder(tmp_path / "data", {"train": 2, "val": 1, "test": 1})
+    (root / "test" / "n07777777").mkdir()
+    bad_files.photo(3).save(root / "test" / "n07777777" / "stray.JPEG")
+    (root / "test" / "n06666666").mkdir()  # train has no such class either: reported as test-only and empty
+    status, out = check_data(capsys, str(root), "--json", "--structure-only")
+    assert status == 2
+    found = {(f["kind"], f["path"]) for f in json.loads(out)["findings"]}
+    assert found == {("test-only-class", str(root / "test" / "n07777777")), ("test-only-class", str(root / "test" / "n06666666")),
+                     ("empty-class", str(root / "test" / "n06666666"))}
+    status, table = check_data(capsys, str(root), "--structure-only")
+    assert re.search(r"^test-only-class +2  stops the run$", table, re.M)
+    assert "test-only-class (a class folder in test that train does not have): 2" in table
+    with pytest.raises(DataError, match="test has class folders that train does not have"):
+        image_folder_sources(root)
+
+    shutil.rmtree(root / "test")
+    (root / "test").mkdir()
+    status, out = check_data(capsys, str(root), "--json", "--structure-only")
+    assert status == 2
+    assert [(f["kind"], f["split"], f["path"]) for f in json.loads(out)["findings"]] == [("no-data", "test", str(root / "test"))]
+    with pytest.raises(DataError, match="has no class folders"):
+        image_folder_sources(root)
 
 
 def test_structural_check_knows_what_dali_rejects(bad_folder):
