@@ -58,6 +58,7 @@ RECIPE = Recipe(
             ema_decay=0.9998,  # the longest horizon, for folders of 100,000 photos ...
             ema_horizon=0.1,  # ... shorter ones average over the last ~10 % of the phase's updates
             ema_warmup=True,  # and the EMA follows the weights from the first update
+            ema_eval_after=0.5,  # ... so it is evaluated (a val pass each) from half the phase on, as early stopping acts
             res_px=224,
             crop_scale=(0.35, 1.0),
             color_jitter=0.2,

@@ -527,7 +527,7 @@ class PhaseRun:
         train_loss = float(accelerator.reduce(tally.loss_sum.clone(), reduction="sum")) / samples
         train_top1 = float(accelerator.reduce(tally.correct.clone(), reduction="sum")) / samples
         val = evaluate(parts.model, parts.val_loader, accelerator, parts.autocast)
-        ema_val = evaluate(parts.ema.module, parts.val_loader, accelerator, parts.autocast) if parts.ema is not None else None
+        ema_val = evaluate(parts.ema.module, parts.val_loader, accelerator, parts.autocast) if evaluates_ema(phase, epoch, parts.ema) else None
         for source, scores in (("model", val), ("ema", ema_val)):
             if scores is not None and scores["top1"] > state.best_top1:
                 state.best_top1, state.best_source, state.best_epoch = scores["top1"], source, epoch
@@ -638,6 +638,12 @@ def stops_early(phase: Phase, epoch: int, bad_epochs: int) -> bool:
     if not phase.early_stop_patience or bad_epochs < phase.early_stop_patience:
         return False
     return epoch + 1 >= math.ceil(phase.early_stop_after * phase.epochs)
+
+
+def evaluates_ema(phase: Phase, epoch: int, ema: ModelEmaV3 | None) -> bool:
+    """Whether epoch `epoch` (0-based) evaluates the EMA: every epoch, or from `ema_eval_after` of the
+    phase on, and always at its last."""
+    return ema is not None and (epoch + 1 >= math.ceil(phase.ema_eval_after * phase.epochs) or epoch + 1 == phase.epochs)
 
 
 def early_stop_score(metric: str, val: dict, ema_val: dict | None) -> float:

@@ -205,6 +205,11 @@ class Phase:
     # updates (decay = 1 - 1 / (ema_horizon x updates)), at most ema_decay. 0.999 averages over ~1000
     # updates, more than a small folder's phase has; 0 = ema_decay as given.
     ema_horizon: float = 0.0
+    # The EMA is evaluated on val (and can be "best" or stop the phase) only once this fraction of the
+    # phase's epochs has run, and always at its last epoch. Each evaluation is a full val pass, and an
+    # EMA with a short horizon differs from the model's weights only late in the phase: on a small
+    # folder with a val set larger than the train set, evaluation is most of the phase's time. 0 = every epoch.
+    ema_eval_after: float = 0.0
     res_px: int = 224  # train crop size (at the start of a ramp)
     res_px_end: int = 0  # progressive resizing: the size at the end of the ramp; 0 = fixed res_px
     res_ramp_epochs: tuple[int, int] = (0, 0)  # ramp linearly between these epochs (ffcv-style)
@@ -280,6 +285,11 @@ class Phase:
         _check(0 <= self.label_smoothing < 1, f"{p}: label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(0 <= self.ema_decay < 1, f"{p}: ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(0 <= self.ema_horizon <= 1, f"{p}: ema_horizon must be in [0, 1] (a fraction of the phase's updates), got {self.ema_horizon}")
+        _check(0 <= self.ema_eval_after <= 1, f"{p}: ema_eval_after must be in [0, 1] (a fraction of the phase's epochs), got {self.ema_eval_after}")
+        _check(not self.ema_eval_after or self.ema_decay > 0, f"{p}: ema_eval_after needs the EMA on: set ema_decay")
+        _check(not self.early_stop_patience or self.ema_eval_after <= self.early_stop_after,
+               f"{p}: early stopping may end the phase before the EMA is evaluated: set ema_eval_after "
+               f"({self.ema_eval_after}) <= early_stop_after ({self.early_stop_after})")
         _check(not self.ema_horizon or self.ema_decay > 0, f"{p}: ema_horizon needs the EMA on: set ema_decay (its upper bound, e.g. 0.9998)")
         _check(0 <= self.early_stop_after <= 1, f"{p}: early_stop_after must be in [0, 1] (a fraction of the phase's epochs), got {self.early_stop_after}")
         _check(self.res_px >= 8 and self.eval_res_px >= 8, f"{p}: res_px and eval_res_px must be >= 8, got {self.res_px} and {self.eval_res_px}")

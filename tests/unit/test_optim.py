@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from trainer.loop import early_stop_score, resolve_precision, stops_early
+from trainer.loop import early_stop_score, evaluates_ema, resolve_precision, stops_early
 from trainer.lr_find import lr_at, range_test, steepest_descent
 from trainer.optim import build_optimizer, ema_decay_for
 from trainer.recipe import Phase
@@ -180,6 +180,15 @@ def test_ema_horizon_follows_the_phase_length():
     assert ema_decay_for(Phase(ema_decay=0.9998, ema_horizon=0.1), 25_000) == pytest.approx(0.9996)
     assert ema_decay_for(Phase(ema_decay=0.9998, ema_horizon=0.1), 10**7) == 0.9998  # capped
     assert ema_decay_for(Phase(ema_decay=0.9998, ema_horizon=0.1), 3) == 0.0  # a window under one update: no averaging
+
+
+def test_the_ema_is_evaluated_from_ema_eval_after_and_at_the_last_epoch():
+    ema = object()  # only its presence matters
+    phase = Phase(epochs=8, ema_decay=0.99, ema_eval_after=0.5)
+    assert [evaluates_ema(phase, e, ema) for e in range(8)] == [False] * 3 + [True] * 5  # epochs 4-8 of 8
+    assert [evaluates_ema(Phase(epochs=3, ema_decay=0.99, ema_eval_after=1.0), e, ema) for e in range(3)] == [False, False, True]
+    assert all(evaluates_ema(Phase(epochs=4, ema_decay=0.99), e, ema) for e in range(4))  # 0: every epoch
+    assert not evaluates_ema(phase, 7, None)  # no EMA kept
 
 
 def test_early_stopping_waits_for_early_stop_after():

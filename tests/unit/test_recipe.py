@@ -63,11 +63,21 @@ def test_unknown_top_level_key_and_unknown_phase():
         ("phases.0.ema_horizon=0.1", "ema_horizon needs the EMA on"),
         ("phases.0.ema_horizon=1.5", "ema_horizon must be in"),
         ("phases.0.early_stop_after=-0.1", "early_stop_after must be in"),
+        ("phases.0.ema_eval_after=0.5", "ema_eval_after needs the EMA on"),
+        ("phases.0.ema_eval_after=2", "ema_eval_after must be in"),
     ],
 )
 def test_bad_values_are_recipe_errors(override, expected):
     with pytest.raises(RecipeError, match=expected):
         apply_overrides(RECIPE, [override])
+
+
+def test_ema_eval_after_may_not_outlast_early_stopping():
+    """A phase that early stopping can end must have evaluated its EMA by then (eval.json and "best" read it)."""
+    with pytest.raises(RecipeError, match="before the EMA is evaluated"):
+        Phase(epochs=8, ema_decay=0.99, ema_eval_after=0.75, early_stop_patience=2, early_stop_after=0.5)
+    Phase(epochs=8, ema_decay=0.99, ema_eval_after=0.5, early_stop_patience=2, early_stop_after=0.5)
+    Phase(epochs=8, ema_decay=0.99, ema_eval_after=0.75)  # no early stopping: the last epoch evaluates it
 
 
 def test_overrides_are_validated_together_not_one_by_one():
