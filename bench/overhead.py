@@ -15,6 +15,10 @@ images after the quickstart's seeded 80/20 split, 32 px):
 Both are timed from process start to exit (`subprocess.run`), so imports and every start-up and shutdown
 cost count. Rounds alternate which goes first (the page cache and the machine's load then favour neither).
 
+Also timed, for what the launcher costs: `python recipes/quickstart.py ...` (the same run without
+`accelerate launch`: one process needs no launcher, and accelerate's CLI imports torch and timm again
+in a process of its own). Its line `direct_vs_plain: <ratio>` comes before the last.
+
 Last line: `run_vs_plain: <median ours / median plain>`; target ≤ 0.9.
 """
 
@@ -111,19 +115,23 @@ def main() -> None:
     split_file.write_text(json.dumps({"root": str(root), "train": list(train.files), "val": list(val.files)}))
 
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    ours_times, plain_times = [], []
+    ours_times, direct_times, plain_times = [], [], []
     for round_index in range(args.rounds):
+        sets = ["--set", f"phases.0.epochs={args.epochs}", "--set", "phases.0.warmup_epochs=0"]
         ours_cmd = [accelerate, "launch", "--config_file", "accelerate_config.yaml", "recipes/quickstart.py",
-                    "--run-dir", str(work / f"run-{round_index}"), "--set", f"phases.0.epochs={args.epochs}", "--set", "phases.0.warmup_epochs=0"]
+                    "--run-dir", str(work / f"run-{round_index}"), *sets]
+        direct_cmd = [sys.executable, "recipes/quickstart.py", "--run-dir", str(work / f"direct-{round_index}"), *sets]
         plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(split_file), "--epochs", str(args.epochs)]
-        order = [("ours", ours_cmd, ours_times), ("plain", plain_cmd, plain_times)]
+        order = [("ours", ours_cmd, ours_times), ("ours without the launcher", direct_cmd, direct_times), ("plain", plain_cmd, plain_times)]
         for name, cmd, times in order if round_index % 2 == 0 else order[::-1]:
             print(f"round {round_index} {name}:", flush=True)
             times.append(timed(cmd, env))
     ours, base = statistics.median(ours_times), statistics.median(plain_times)
     print(f"ours  {' '.join(f'{t:.1f}' for t in ours_times)} s (median {ours:.1f})")
+    print(f"ours without the launcher {' '.join(f'{t:.1f}' for t in direct_times)} s (median {statistics.median(direct_times):.1f})")
     print(f"plain {' '.join(f'{t:.1f}' for t in plain_times)} s (median {base:.1f})")
     print(f"work folder: {work}")
+    print(f"direct_vs_plain: {statistics.median(direct_times) / base:.3f}")
     print(f"run_vs_plain: {ours / base:.3f}")
 
 

@@ -47,7 +47,10 @@ RECIPE = Recipe(
             freeze="stages:2",  # stem + first 2 stages frozen: the top stages and the head train ...
             unfreeze_at=(2,),  # ... and from epoch 2 one more stage
             backbone_lr_mult=0.5,  # the backbone at half the head's LR: 0.1 leaves a small folder's few updates nothing to learn with
-            freeze_bn_stats=False,  # the trained stages follow the folder's statistics (photos unlike ImageNet's)
+            # BatchNorm keeps the ImageNet statistics the head was trained on (Keras's fine-tuning advice):
+            # letting them follow the folder threw away most of the head phase (digits at 64 px: 73 % val
+            # top-1 after the head, 41 % after the first fine-tuning epoch; 85.8 % at the end against 98.1 %)
+            freeze_bn_stats=True,
             epochs=8,
             batch_size_per_device=32,
             optimizer="adamw",
