@@ -2,7 +2,8 @@
 stages unfrozen with a lower backbone LR and early stopping. Made for 100 to 100,000 photos: the
 schedule and the EMA follow the phase's number of updates (`ema_horizon`), and early stopping waits
 until the schedule is half done (`early_stop_after`). bench/transfer.py measures it against a plain
-fine-tune (docs/benchmarks.md).
+20-epoch fine-tune from the same EfficientNet-Lite0 weights (digits at 64 px): +49.3 points of val
+top-1 on 145 images in 0.60x the wall time, +7.8 points on 1,438 in 0.43x (docs/benchmarks.md).
 
     accelerate launch recipes/folder_transfer.py --data ~/leaf_disease
     accelerate launch recipes/folder_transfer.py --data ~/cats_vs_dogs --set model.arch=convnext_tiny
@@ -61,7 +62,7 @@ RECIPE = Recipe(
             ema_decay=0.9998,  # the longest horizon, for folders of 100,000 photos ...
             ema_horizon=0.1,  # ... shorter ones average over the last ~10 % of the phase's updates
             ema_warmup=True,  # and the EMA follows the weights from the first update
-            ema_eval_after=0.5,  # ... so it is evaluated (a val pass each) from half the phase on, as early stopping acts
+            ema_eval_after=0.5,  # it differs from the model late in the phase: scored (a val pass each) from half way, as early stopping
             res_px=224,
             crop_scale=(0.35, 1.0),
             color_jitter=0.2,
