@@ -222,11 +222,8 @@ def image_folder_sources(
 
 # Above this largest/smallest class ratio, check-data and a run say what an unbalanced set can use.
 IMBALANCE_HINT_RATIO = 3.0
-IMBALANCE_HINT = (
-    "classes are unbalanced (largest/smallest {ratio:.1f} > {limit:g}): consider data.balance=sampler "
-    "(class-balanced order) or data.balance=loss (class-weighted loss), and phases.N.early_stop_metric="
-    "val_macro_f1 or val_balanced_accuracy (top-1 flatters an unbalanced val set)"
-)
+BALANCE_ADVICE = "data.balance=sampler (class-balanced order) or data.balance=loss (class-weighted loss)"
+METRIC_ADVICE = "phases.N.early_stop_metric=val_macro_f1 or val_balanced_accuracy (top-1 flatters an unbalanced val set)"
 
 
 def class_balance(counts: dict[str, int]) -> dict:
@@ -242,8 +239,15 @@ def label_balance(labels: np.ndarray, classes: list[str] | tuple[str, ...]) -> d
     return class_balance({name: int(n) for name, n in zip(classes, counts)})
 
 
-def imbalance_hint(*balances: dict) -> str | None:
-    """The hint when any split's ratio is above IMBALANCE_HINT_RATIO (an empty class counts as above), else None."""
+def imbalance_hint(*balances: dict, balance: str = "none", class_averaged: bool = False) -> str | None:
+    """The hint when any split's ratio is above IMBALANCE_HINT_RATIO (an empty class counts as above), else None.
+
+    It names only what the run does not do yet: nothing about data.balance when one is set, nothing about
+    early_stop_metric when every phase already ranks by a class-averaged score; no hint when both are done.
+    """
     ratios = [b["ratio"] if b["ratio"] is not None else float("inf") for b in balances if b["counts"]]
     worst = max(ratios, default=0.0)
-    return IMBALANCE_HINT.format(ratio=worst, limit=IMBALANCE_HINT_RATIO) if worst > IMBALANCE_HINT_RATIO else None
+    advice = [BALANCE_ADVICE] * (balance == "none") + [METRIC_ADVICE] * (not class_averaged)
+    if worst <= IMBALANCE_HINT_RATIO or not advice:
+        return None
+    return f"classes are unbalanced (largest/smallest {worst:.1f} > {IMBALANCE_HINT_RATIO:g}): consider {', and '.join(advice)}"

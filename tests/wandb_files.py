@@ -1,4 +1,4 @@
-"""Read a W&B offline run file (run-<id>.wandb) back: its history rows and config.
+"""Read a W&B offline run file (run-<id>.wandb) back: its history rows, config and summary.
 
 The file is a LevelDB-style log (32 KiB blocks of checksummed chunks) of `wandb_internal_pb2.Record`
 protobufs. wandb ships no reader any more, so the tests carry this small one.
@@ -68,6 +68,17 @@ def config(path: Path) -> dict:
     for record in records(path):
         if record.WhichOneof("record_type") == "config":
             for item in record.config.update:
+                key = item.key or "/".join(item.nested_key)
+                found[key] = json.loads(item.value_json)
+    return found
+
+
+def summary(path: Path) -> dict:
+    """The run's summary as the file last sets it (history rows update it too: keys logged each step)."""
+    found = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
                 key = item.key or "/".join(item.nested_key)
                 found[key] = json.loads(item.value_json)
     return found

@@ -1,6 +1,6 @@
 """The untouched test split: scored once, at the end of a run, with the weights the run hands on (the best
 checkpoint of its last phase, model or EMA as `export` picks them), through val's own eval loader; the
-scores become the `test` section of that phase's eval.json.
+scores become the `test` section of that phase's eval.json and the test/ keys of the W&B run's summary.
 
 Nothing reads them back: best checkpoints, early stopping, the plateau schedule and phase chaining all
 read val, and the test split is first touched here, after the last phase.
@@ -17,13 +17,14 @@ from trainer.loop import autocast_for, build_eval_loader, resolve_precision
 from trainer.metrics import evaluate, scores_report
 from trainer.recipe import Recipe
 from trainer.run_folder import EVAL_FILE, checkpoint_weights, last_phase_checkpoint, read_json
-from trainer.tracking import write_eval_json
+from trainer.tracking import log_test_scores, write_eval_json
 
 
 def score_test(accelerator, recipe: Recipe, run_dir: Path, model: torch.nn.Module, test_source) -> dict[str, Any]:
     """Every process: load the run's final best weights into `model` (the run's own, its training over),
     score `test_source` with the eval transform of the phase they come from, each image counted once;
-    the main process adds the `test` section to that phase's eval.json. Returns the section."""
+    the main process adds the `test` section to that phase's eval.json (and, with W&B on, test/top1 and the
+    rest to the W&B run's summary). Returns the section."""
     index, ckpt = last_phase_checkpoint(run_dir, recipe)
     phase = recipe.phases[index]
     weights, source, described = checkpoint_weights(ckpt)
@@ -37,6 +38,8 @@ def score_test(accelerator, recipe: Recipe, run_dir: Path, model: torch.nn.Modul
         path = run_dir / phase.name / EVAL_FILE
         record = read_json(path) if path.is_file() else {"phase": phase.name, "classes": classes}
         write_eval_json(path, {**record, "test": section})
+        if recipe.logging.wandb:
+            log_test_scores(accelerator, section)
     accelerator.print(
         f"test split ({section['samples']} images, {source} weights of phase {phase.name}, scored once): "
         f"top-1 {section['top1']:.4f}  top-5 {section['top5']:.4f}  (in {run_dir / phase.name / EVAL_FILE})"

@@ -33,7 +33,7 @@ from trainer.machines import check_shared_run_folder, local_run_folder
 from trainer.model import check_initial_weights, check_names, create_model, initialize
 from trainer.optim import class_weights
 from trainer.preemption import Preempted, StopSignals
-from trainer.recipe import Recipe, RecipeError, resolve_recipe
+from trainer.recipe import CLASS_AVERAGED_METRICS, Recipe, RecipeError, resolve_recipe
 from trainer.run_folder import (
     CHECKPOINTS_DIR,
     RESOLVED_RECIPE,
@@ -344,10 +344,13 @@ class RunInfo:
 
 def run_class_balance(recipe: Recipe, splits: Splits) -> dict:
     """run.json's class_balance: images per class and the largest/smallest ratio of train and val, the hint
-    when unbalanced, data.balance, and with data.balance="loss" the weights from the train counts."""
+    when unbalanced (naming only the remedies the recipe does not use yet), data.balance, and with
+    data.balance="loss" the weights from the train counts."""
     classes = list(splits.train.classes)
     train, val = label_balance(splits.train.labels, classes), label_balance(splits.val.labels, classes)
-    record = {"train": train, "val": val, "hint": imbalance_hint(train, val), "balance": recipe.data.balance}
+    class_averaged = all(phase.early_stop_metric in CLASS_AVERAGED_METRICS for phase in recipe.phases)
+    hint = imbalance_hint(train, val, balance=recipe.data.balance, class_averaged=class_averaged)
+    record = {"train": train, "val": val, "hint": hint, "balance": recipe.data.balance}
     if recipe.data.balance == "loss":
         record["loss_weights"] = class_weight_table(splits.train.labels, classes)
         record["loss_weights_formula"] = "n / (k * count_c): n train images, k classes with images, count_c images of class c"

@@ -182,6 +182,19 @@ def log_phase_eval(accelerator, record: dict[str, Any], predictions: list[dict[s
     run.log(values, step=step)
 
 
+# The test section's scores on the W&B run's summary (the runs table and the run's overview page).
+TEST_SUMMARY_KEYS = ("top1", "top5", "loss", "f1_macro", "recall_macro", "samples")
+
+
+def log_test_scores(accelerator, section: dict[str, Any]) -> None:
+    """The untouched test split's scores into the W&B run's summary as test/<key> (main process only):
+    scored once, they are a figure of the run, not a point of its history. recall_macro is the balanced
+    accuracy."""
+    if accelerator.is_main_process:
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        run.summary.update({f"test/{key}": section[key] for key in TEST_SUMMARY_KEYS} | {"test/source": section["source"]})
+
+
 # Above this share of the epoch spent waiting for batches, the loader is what limits the run.
 LOADER_BOUND_WAIT_SHARE = 0.10
 

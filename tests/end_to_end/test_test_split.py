@@ -9,6 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import wandb_files
 from conftest import REPO, RESUME_SETS, assert_same_weights, history_without_timings, run_recipe, two_cpu_launcher
 
 from trainer.__main__ import main
@@ -19,9 +20,11 @@ TEST_IMAGES = 24  # tiny_imagenet_with_test: 3 classes x 8
 
 @pytest.fixture(scope="module")
 def with_test(tmp_path_factory, tiny_imagenet_with_test, run_env):
-    """reference_run's recipe on reference_run's train and val, with a test/ folder beside them."""
+    """reference_run's recipe on reference_run's train and val, with a test/ folder beside them, and W&B
+    (offline) on to receive the test scores: logging changes nothing the run selects."""
     run_dir = tmp_path_factory.mktemp("test-split") / "run"
-    done = run_recipe("quickstart.py", "--data", str(tiny_imagenet_with_test), "--run-dir", str(run_dir), env=run_env, sets=RESUME_SETS)
+    sets = RESUME_SETS + ["logging.wandb=true"]
+    done = run_recipe("quickstart.py", "--data", str(tiny_imagenet_with_test), "--run-dir", str(run_dir), env=run_env, sets=sets)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, done.stdout
 
@@ -43,6 +46,12 @@ def test_the_test_split_is_scored_once_and_selects_nothing(with_test, reference_
     info, reference_info = (json.loads((r / "run.json").read_text()) for r in (run_dir, reference_run))
     assert (info["test_images"], reference_info["test_images"]) == (TEST_IMAGES, 0)
     assert json.loads((run_dir / "bad_files.json").read_text())["skipped"] == []
+    # On W&B: the summary's test/ keys, never a history row (nothing on the dashboard's curves selects on it).
+    (run_file,) = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    summary = wandb_files.summary(run_file)
+    assert summary["test/top1"] == pytest.approx(section["top1"]) and summary["test/samples"] == TEST_IMAGES
+    assert summary["test/recall_macro"] == pytest.approx(section["recall_macro"]) and summary["test/source"] == section["source"]
+    assert not any(key.startswith("test/") for row in wandb_files.history(run_file) for key in row)
 
     # Everything the run chose is what the same run without a test split chose.
     assert history_without_timings(run_dir) == history_without_timings(reference_run)

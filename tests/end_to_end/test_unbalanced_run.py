@@ -52,8 +52,8 @@ def test_run_json_has_counts_ratio_weights_and_parameters(weighted_run):
     balance = info["class_balance"]
     assert balance["train"] == {"counts": dict(zip(CLASSES, TRAIN)), "ratio": 8.0}
     assert balance["val"] == {"counts": dict(zip(CLASSES, VAL)), "ratio": 4.0}
-    assert balance["balance"] == "loss" and "data.balance=sampler" in balance["hint"]
-    assert f"hint: {balance['hint']}" in done.stdout
+    # data.balance=loss and a class-averaged early_stop_metric: the run already does what the hint would say.
+    assert balance["balance"] == "loss" and balance["hint"] is None and "hint: classes are unbalanced" not in done.stdout
     n, k = sum(TRAIN), len(TRAIN)
     expected = {c: n / (k * count) for c, count in zip(CLASSES, TRAIN)}
     assert balance["loss_weights"] == pytest.approx(expected)
@@ -97,6 +97,9 @@ def test_sampler_run_records_the_balance_and_feeds_the_classes_equally(sampled_r
     info = json.loads((run_dir / "run.json").read_text())
     balance = info["class_balance"]
     assert balance["balance"] == "sampler" and "loss_weights" not in balance
+    # The order is balanced already; the hint is left with the early-stopping score (top-1 here).
+    assert "data.balance" not in balance["hint"] and "early_stop_metric=val_macro_f1" in balance["hint"]
+    assert f"hint: {balance['hint']}" in done.stdout
     assert balance["train"] == {"counts": dict(zip(CLASSES, TRAIN)), "ratio": 8.0}
     assert balance["val"] == {"counts": dict(zip(CLASSES, VAL)), "ratio": 4.0}
     assert "loss_weights" not in info["phases"]["main"]

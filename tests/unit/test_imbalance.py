@@ -169,6 +169,11 @@ def test_counts_ratio_and_hint(skewed_folder):
     assert balance == {"counts": dict(zip(CLASSES, (24, 8, 4))), "ratio": 6.0}
     assert "data.balance=sampler" in imbalance_hint(balance) and "val_macro_f1" in imbalance_hint(balance)
     assert imbalance_hint(label_balance(np.repeat([0, 1], [30, 30 // IMBALANCE_HINT_RATIO]), ["a", "b"])) is None
+    # The hint names only what a run does not do yet, and goes when nothing is left.
+    assert "data.balance" not in imbalance_hint(balance, balance="loss") and "val_macro_f1" in imbalance_hint(balance, balance="loss")
+    assert "data.balance=sampler" in imbalance_hint(balance, class_averaged=True)
+    assert "early_stop_metric" not in imbalance_hint(balance, class_averaged=True)
+    assert imbalance_hint(balance, balance="sampler", class_averaged=True) is None
     report = scan_dataset(skewed_folder, decode=False)
     lines = list(report_lines(report))
     assert any(line.startswith("train: imbalance ratio 6.0") and "n01484850 4" in line for line in lines)
