@@ -27,6 +27,28 @@ def test_no_weight_decay_on_norms_and_biases():
         assert decay_of[id(param)] == expected, name
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lamb"])
+def test_cpu_runs_take_torchs_fused_kernel_where_the_optimizer_has_one(name):
+    """On the CPU, torch's SGD/Adam family get `fused=True` (one vectorised pass instead of a loop over
+    the tensors), and its updates are the loop's: three steps from the same gradients agree."""
+    phase = Phase(optimizer=name, weight_decay=0.05, momentum=0.9)
+    models = [timm.create_model("resnet10t", num_classes=3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours, _ = build_optimizer(models[0], phase, lr=0.01, updates_per_epoch=10)
+    assert all(g.get("fused", False) is (name != "lamb") for g in ours.param_groups)  # timm's Lamb has no fused kernel
+    looped = timm.optim.create_optimizer_v2(models[1], name, lr=0.01, weight_decay=0.05, momentum=0.9)
+    assert not any(g.get("fused") for g in looped.param_groups)
+    torch.manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model, optimizer in zip(models, (ours, looped)):
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for (name_a, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name_a)
+
+
 def test_lr_is_a_pure_function_of_the_update_count():
     phase = Phase(epochs=4, warmup_epochs=1, min_lr_ratio=0.01)
     model = timm.create_model("resnet10t", num_classes=3)
