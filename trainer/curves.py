@@ -6,9 +6,9 @@ the generalisation gap (val loss − train loss, and train top-1 − val top-1 o
 each phase boundary, with the phase's name above its stretch. history.jsonl is the source of truth
 (it is rewound on resume, so the figure never shows epochs a resumed run threw away).
 
-The loop redraws the figure at epoch ends at most every CURVES_EVERY_S seconds and at each phase's
-last epoch (`redraw_curves`, main process only), written to a
-temporary file and renamed, so a reader never sees half a PNG.
+The loop redraws the figure at epoch ends at most every CURVES_EVERY_S seconds of the run and after
+its last epoch (`redraw_curves`, main process only), written to a temporary file and renamed, so a
+reader never sees half a PNG.
 """
 
 from __future__ import annotations

@@ -337,7 +337,6 @@ class PhaseRun:
         self.diverged = torch.zeros((), dtype=torch.bool, device=device)
         # Updates whose flags the host has not read yet: (step, total_step, flags on the device).
         self.pending: list[tuple[int, int, torch.Tensor]] = []
-        self.curves_drawn_at = -math.inf
         self.tally: EpochTally | None = None
         self.bar = None
 
@@ -573,12 +572,12 @@ class PhaseRun:
         record["early_stopped"] = state.stopped_early
         self.log.epoch(record, phase.epochs)
         # curves.png, redrawn from history.jsonl (a plotting error is printed, never raised). A redraw
-        # costs ~1 s of this 2-core CPU: with epochs shorter than CURVES_EVERY_S it waits for the next
-        # one, except at the phase's last epoch.
-        redraw_due = time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_S or epoch + 1 == phase.epochs or state.stopped_early
-        if accelerator.is_main_process and redraw_due:
+        # costs 0.3-1 s of a 2-core CPU: with epochs shorter than CURVES_EVERY_S it waits for a later
+        # one (the clock is the run's, so a new phase does not force one), except at the run's end.
+        run_ends = self.phase_index == len(self.recipe.phases) - 1 and (epoch + 1 == phase.epochs or state.stopped_early)
+        if accelerator.is_main_process and (time.monotonic() - self.log.curves_drawn_at >= CURVES_EVERY_S or run_ends):
             redraw_curves(self.run_dir)
-            self.curves_drawn_at = time.monotonic()
+            self.log.curves_drawn_at = time.monotonic()
         tally.loss_sum.zero_()
         tally.correct.zero_()
         state.epoch_loss_sum = state.epoch_correct = 0.0

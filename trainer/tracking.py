@@ -5,6 +5,7 @@ prediction tables, and the throughput summary at the end of a run."""
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 from pathlib import Path
@@ -86,6 +87,7 @@ class RunLog:
         self.steps_path = Path(run_dir) / STEPS
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
+        self.curves_drawn_at = -math.inf  # time.monotonic() of the last curves.png, for the whole run
 
     def epoch(self, record: dict[str, Any], epochs: int) -> None:
         """An epoch's record (of `epochs` in its phase): a line of history.jsonl, W&B scalars, a console line."""
