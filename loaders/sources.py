@@ -247,7 +247,11 @@ def imbalance_hint(*balances: dict, balance: str = "none", class_averaged: bool 
     """
     ratios = [b["ratio"] if b["ratio"] is not None else float("inf") for b in balances if b["counts"]]
     worst = max(ratios, default=0.0)
-    advice = [BALANCE_ADVICE] * (balance == "none") + [METRIC_ADVICE] * (not class_averaged)
+    advice = []
+    if balance == "none":
+        advice.append(BALANCE_ADVICE)
+    if not class_averaged:
+        advice.append(METRIC_ADVICE)
     if worst <= IMBALANCE_HINT_RATIO or not advice:
         return None
     return f"classes are unbalanced (largest/smallest {worst:.1f} > {IMBALANCE_HINT_RATIO:g}): consider {', and '.join(advice)}"

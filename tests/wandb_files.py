@@ -63,22 +63,21 @@ def history(path: Path) -> list[dict]:
     return rows
 
 
-def config(path: Path) -> dict:
+def _updates(path: Path, kind: str) -> dict:
+    """Key -> value of every `kind` record's update items ("config" or "summary"), the last one winning."""
     found = {}
     for record in records(path):
-        if record.WhichOneof("record_type") == "config":
-            for item in record.config.update:
+        if record.WhichOneof("record_type") == kind:
+            for item in getattr(record, kind).update:
                 key = item.key or "/".join(item.nested_key)
                 found[key] = json.loads(item.value_json)
     return found
+
+
+def config(path: Path) -> dict:
+    return _updates(path, "config")
 
 
 def summary(path: Path) -> dict:
     """The run's summary as the file last sets it (history rows update it too: keys logged each step)."""
-    found = {}
-    for record in records(path):
-        if record.WhichOneof("record_type") == "summary":
-            for item in record.summary.update:
-                key = item.key or "/".join(item.nested_key)
-                found[key] = json.loads(item.value_json)
-    return found
+    return _updates(path, "summary")
