@@ -2,22 +2,23 @@
 
 What it compares, on the digits JPEGs the quickstart writes (loaders/digits.py; 1,437 train and 360 val
 images after the quickstart's seeded 80/20 split, 32 px):
-  - ours: `accelerate launch --config_file accelerate_config.yaml recipes/quickstart.py --set
-    phases.0.epochs=1 --set phases.0.warmup_epochs=0` (the `make demo` job, one epoch; warmup must be
-    shorter than the phase) with W&B offline, as a user runs it: screening,
-    the decode pre-flight, the DALI pipelines, the epoch, the evaluation of model and EMA, eval.json,
-    curves, the throughput report, the checkpoint;
+  - ours: `python recipes/quickstart.py --set phases.0.epochs=1 --set phases.0.warmup_epochs=0` (the
+    `make demo` command, one epoch; warmup must be shorter than the phase) with W&B offline, as a user
+    runs it: screening, the decode pre-flight, the DALI pipelines, the epoch, the evaluation of model
+    and EMA, eval.json with W&B's tables, curves, the throughput report, the checkpoint;
   - plain: this file with `--plain`: timm's resnet18 (10 classes), torchvision's `ImageFolder` +
     `DataLoader` (the same train and val images, RandomResizedCrop(32, scale=(0.6, 1)) + normalise,
     batch 64, `num_workers` = the recipe's `data.loader_threads`, torch's default threads, as ours on
     one process), timm's AdamW with the same LR (4e-3 per 256 → 1e-3), weight decay and label
     smoothing, a cosine decay over the epoch, then one pass over the val images for top-1.
 Both are timed from process start to exit (`subprocess.run`), so imports and every start-up and shutdown
-cost count. Rounds alternate which goes first (the page cache and the machine's load then favour neither).
+cost count. Rounds alternate the order (the page cache and the machine's load then favour none).
 
-Also timed, for what the launcher costs: `python recipes/quickstart.py ...` (the same run without
-`accelerate launch`: one process needs no launcher, and accelerate's CLI imports torch and timm again
-in a process of its own). Its line `direct_vs_plain: <ratio>` comes before the last.
+Also timed, for what a launcher costs (lines before the last), the same run through
+  - `accelerate-launch --config_file accelerate_config.yaml ...`: accelerate's launcher entry point
+    (its process imports torch and accelerate, starts the script, waits), `launcher_vs_plain`;
+  - `accelerate launch --config_file ...`: accelerate's full CLI, which also imports timm for its
+    `estimate-memory` command (1.4 s) before it starts the script, `cli_vs_plain`.
 
 Last line: `run_vs_plain: <median ours / median plain>`; target ≤ 0.9.
 """
@@ -114,25 +115,30 @@ def main() -> None:
     split_file = work / "split.json"
     split_file.write_text(json.dumps({"root": str(root), "train": list(train.files), "val": list(val.files)}))
 
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    ours_times, direct_times, plain_times = [], [], []
+    bin_dir = Path(sys.executable).parent
+    times: dict[str, list[float]] = {"ours": [], "ours through accelerate-launch": [], "ours through accelerate's CLI": [], "plain": []}
     for round_index in range(args.rounds):
-        sets = ["--set", f"phases.0.epochs={args.epochs}", "--set", "phases.0.warmup_epochs=0"]
-        ours_cmd = [accelerate, "launch", "--config_file", "accelerate_config.yaml", "recipes/quickstart.py",
-                    "--run-dir", str(work / f"run-{round_index}"), *sets]
-        direct_cmd = [sys.executable, "recipes/quickstart.py", "--run-dir", str(work / f"direct-{round_index}"), *sets]
-        plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(split_file), "--epochs", str(args.epochs)]
-        order = [("ours", ours_cmd, ours_times), ("ours without the launcher", direct_cmd, direct_times), ("plain", plain_cmd, plain_times)]
-        for name, cmd, times in order if round_index % 2 == 0 else order[::-1]:
+        sets = ["--run-dir", str(work / f"run-{round_index}-{{}}"), "--set", f"phases.0.epochs={args.epochs}", "--set", "phases.0.warmup_epochs=0"]
+        config = ["--config_file", "accelerate_config.yaml"]
+        commands = {
+            "ours": [sys.executable, "recipes/quickstart.py", *sets],
+            "ours through accelerate-launch": [str(bin_dir / "accelerate-launch"), *config, "recipes/quickstart.py", *sets],
+            "ours through accelerate's CLI": [str(bin_dir / "accelerate"), "launch", *config, "recipes/quickstart.py", *sets],
+            "plain": [sys.executable, str(Path(__file__).resolve()), "--plain", str(split_file), "--epochs", str(args.epochs)],
+        }
+        order = list(commands) if round_index % 2 == 0 else list(commands)[::-1]
+        for n, name in enumerate(order):
             print(f"round {round_index} {name}:", flush=True)
-            times.append(timed(cmd, env))
-    ours, base = statistics.median(ours_times), statistics.median(plain_times)
-    print(f"ours  {' '.join(f'{t:.1f}' for t in ours_times)} s (median {ours:.1f})")
-    print(f"ours without the launcher {' '.join(f'{t:.1f}' for t in direct_times)} s (median {statistics.median(direct_times):.1f})")
-    print(f"plain {' '.join(f'{t:.1f}' for t in plain_times)} s (median {base:.1f})")
+            times[name].append(timed([part.replace("{}", str(n)) for part in commands[name]], env))
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    for name, seconds in times.items():
+        print(f"{name}: {' '.join(f'{t:.1f}' for t in seconds)} s (median {medians[name]:.1f})")
     print(f"work folder: {work}")
-    print(f"direct_vs_plain: {statistics.median(direct_times) / base:.3f}")
-    print(f"run_vs_plain: {ours / base:.3f}")
+    base = medians["plain"]
+    print(f"launcher_vs_plain: {medians['ours through accelerate-launch'] / base:.3f}")
+    cli = medians["ours through accelerate's CLI"]
+    print(f"cli_vs_plain: {cli / base:.3f}")
+    print(f"run_vs_plain: {medians['ours'] / base:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Quickstart: a small timm ResNet on scikit-learn's handwritten digits (1,797 images, 10 classes).
 
 The data ships with scikit-learn and is written once as JPEGs, so this runs anywhere, CPU included:
-    accelerate launch --config_file accelerate_config.yaml recipes/quickstart.py
+    accelerate-launch --config_file accelerate_config.yaml recipes/quickstart.py   (`make demo`; or `accelerate launch ...`)
 Measured on a 2-core CPU (no GPU): see the README, "The two commands".
 """
 

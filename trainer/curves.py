@@ -7,14 +7,17 @@ each phase boundary, with the phase's name above its stretch. history.jsonl is t
 (it is rewound on resume, so the figure never shows epochs a resumed run threw away).
 
 The loop redraws the figure at epoch ends at most every CURVES_EVERY_S seconds of the run and after
-its last epoch (`redraw_curves`, main process only), written to a temporary file and renamed, so a
-reader never sees half a PNG.
+its last epoch (`CurvesRedraw`, main process only), on a thread of its own, written to a temporary file
+and renamed, so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +156,31 @@ def redraw_curves(run_dir: str | os.PathLike) -> None:
         draw_curves(run_dir)
     except Exception as err:  # noqa: BLE001 - a figure must never cost a training run
         print(f"warning: could not draw {Path(run_dir) / CURVES}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+
+
+class CurvesRedraw:
+    """`redraw_curves` on a thread of its own, for the training loop's main process: matplotlib's 0.3-0.5 s
+    runs beside the checkpoint write and the next steps instead of before them (the loop's Python work
+    is little; its kernels run without the GIL). One drawing at a time: a new one first waits for the
+    previous. `wait()` returns once the latest is written; the run calls it before it returns, and the
+    thread is not a daemon, so an exit waits for it too. Reading history.jsonl while the loop appends to
+    it is safe: read_jsonl skips a line cut mid-write, and the next redraw has it."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.drawn_at = -math.inf  # time.monotonic() of the latest redraw's start, for the whole run
+        self._thread: threading.Thread | None = None
+
+    def due(self, every_s: float) -> bool:
+        return time.monotonic() - self.drawn_at >= every_s
+
+    def start(self) -> None:
+        self.wait()
+        self.drawn_at = time.monotonic()
+        self._thread = threading.Thread(target=redraw_curves, args=(self.run_dir,), name="curves.png", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

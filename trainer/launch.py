@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from trainer.run_folder import (
     read_json,
     read_state,
 )
-from trainer.tracking import RunLog, start_trackers, throughput_summary
+from trainer.tracking import RunLog, start_trackers, throughput_summary, trackers_ready
 from trainer.transfer import ensure_head, parameter_counts
 
 # Exit codes (besides 0): each says whether a checkpoint was written and what to do next.
@@ -109,9 +110,17 @@ def _find_run_dir(recipe: Recipe, run_dir: str | None, resume: str | None) -> tu
 def run(recipe: Recipe, argv: list[str] | None = None) -> Path:
     """Train `recipe` with the command line's overrides; returns the run folder."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the process's own command line: it ends when this returns
+        # What the imports built (torch, timm, DALI: about 440,000 objects) lives as long as the process.
+        # Out of the collector's reach, neither its full sweeps during the run nor the interpreter's last
+        # one at exit walk it again: that was 1.9 s of a one-epoch quickstart (bench/overhead.py).
+        gc.freeze()
     try:
         recipe = resolve_recipe(recipe, args.set, args.data)
-        return train(recipe, run_dir=args.run_dir, resume=args.resume)
+        run_path = train(recipe, run_dir=args.run_dir, resume=args.resume)
+        if argv is None:
+            gc.freeze()  # and what the run built: the exit's sweep skips it too
+        return run_path
     except (RecipeError, DataError) as err:
         # Stops before any work: a clear line and exit status 2, no traceback.
         print(f"error: {err}", file=sys.stderr)
@@ -202,26 +211,30 @@ def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None)
     resumable = Resumable()
     accelerator.register_for_checkpointing(resumable)
     state = TrainState()
-    for index, phase in enumerate(recipe.phases):
-        if index < start_phase:  # done before the resume: only its head shape matters now
+    try:
+        for index, phase in enumerate(recipe.phases):
+            if index < start_phase:  # done before the resume: only its head shape matters now
+                ensure_head(model, phase.head, num_classes, phase.head_dropout)
+                continue
+            resuming = resume_from is not None and index == start_phase
+            if not resuming:  # resume restores the weights; init is for fresh phases only
+                accelerator.print(f"[{phase.name}] init: {initialize(model, recipe, phase, run_path)}")
             ensure_head(model, phase.head, num_classes, phase.head_dropout)
-            continue
-        resuming = resume_from is not None and index == start_phase
-        if not resuming:  # resume restores the weights; init is for fresh phases only
-            accelerator.print(f"[{phase.name}] init: {initialize(model, recipe, phase, run_path)}")
-        ensure_head(model, phase.head, num_classes, phase.head_dropout)
-        data, subset_counts = phase_splits(splits, recipe, index, run_path, accelerator)
-        params = parameter_counts(model, phase)  # before training: freezing as the phase starts
-        state = train_phase(
-            accelerator, recipe, index, model, data, run_path, state, resumable, log,
-            resume_from=resume_from if resuming else None, signals=signals,
-        )
-        info.phase_done(phase.name, state, model, subset_counts, params=params, loss_weights=phase_loss_weights(recipe, data))
+            data, subset_counts = phase_splits(splits, recipe, index, run_path, accelerator)
+            params = parameter_counts(model, phase)  # before training: freezing as the phase starts
+            state = train_phase(
+                accelerator, recipe, index, model, data, run_path, state, resumable, log,
+                resume_from=resume_from if resuming else None, signals=signals,
+            )
+            info.phase_done(phase.name, state, model, subset_counts, params=params, loss_weights=phase_loss_weights(recipe, data))
+    finally:
+        log.curves.wait()  # the last curves.png is on disk before the run returns (or raises)
     signals.uninstall()
     if splits.test is not None and len(splits.test):  # after the last phase: nothing that selects weights can see it
         score_test(accelerator, recipe, run_path, model, splits.test)
     elif splits.test is not None:
         accelerator.print("test split: no images (each class too small for data.test_fraction to take one); not scored")
+    trackers_ready()
     accelerator.end_training()
     summary_lines, summary = throughput_summary(log.history())
     for line in summary_lines:

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from loaders.dali import EvalLoader, TrainAugment, TrainLoader, dali_device_id
 from trainer.checkpoint import Resumable, TrainState, save_checkpoint
-from trainer.curves import redraw_curves
 from trainer.data import Splits
 from trainer.metrics import eval_report, evaluate, sample_indices, sample_predictions
 from trainer.model import configure_device
@@ -571,13 +570,13 @@ class PhaseRun:
         state.stopped_early = stops_early(phase, epoch, state.early_bad_epochs)
         record["early_stopped"] = state.stopped_early
         self.log.epoch(record, phase.epochs)
-        # curves.png, redrawn from history.jsonl (a plotting error is printed, never raised). A redraw
-        # costs 0.3-1 s of a 2-core CPU: with epochs shorter than CURVES_EVERY_S it waits for a later
-        # one (the clock is the run's, so a new phase does not force one), except at the run's end.
+        # curves.png, redrawn from history.jsonl beside the checkpoint write (a plotting error is printed,
+        # never raised). A redraw costs 0.3-1 s of a 2-core CPU: with epochs shorter than CURVES_EVERY_S
+        # it waits for a later one (the clock is the run's, so a new phase does not force one), except
+        # at the run's end.
         run_ends = self.phase_index == len(self.recipe.phases) - 1 and (epoch + 1 == phase.epochs or state.stopped_early)
-        if accelerator.is_main_process and (time.monotonic() - self.log.curves_drawn_at >= CURVES_EVERY_S or run_ends):
-            redraw_curves(self.run_dir)
-            self.log.curves_drawn_at = time.monotonic()
+        if accelerator.is_main_process and (self.log.curves.due(CURVES_EVERY_S) or run_ends):
+            self.log.curves.start()
         tally.loss_sum.zero_()
         tally.correct.zero_()
         state.epoch_loss_sum = state.epoch_correct = 0.0

@@ -4,14 +4,18 @@ prediction tables, and the throughput summary at the end of a run."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
-import math
 import netrc
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from trainer.atomic import write_text_atomic
+from trainer.curves import CurvesRedraw
 from trainer.run_folder import HISTORY, STEPS, read_jsonl
 
 
@@ -33,21 +37,57 @@ def wandb_mode() -> str:
     return "online" if wandb_credentials_present() else "offline"
 
 
+class _TrackerStart(threading.Thread):
+    """accelerate's init_trackers (wandb.init) on a thread of its own; its error is kept for trackers_ready."""
+
+    def __init__(self, start: Callable[[], None]) -> None:
+        super().__init__(name="wandb start", daemon=False)
+        self.start_trackers, self.error = start, None
+
+    def run(self) -> None:
+        try:
+            self.start_trackers()
+            # wandb imports pandas, when it is installed, at the first value logged (to ask whether it is a
+            # DataFrame): 0.15 s that the main thread would pay at its first logged step.
+            if importlib.util.find_spec("pandas") is not None:
+                importlib.import_module("pandas")
+        except BaseException as err:  # noqa: BLE001 - raised again by trackers_ready, in the thread that logs
+            self.error = err
+
+
+_starting: _TrackerStart | None = None  # this process's W&B start still under way, if any
+
+
 def start_trackers(accelerator, *, project: str, run_name: str, run_id: str, run_dir: Path, config: dict) -> None:
+    """Start the W&B run on a thread of its own and return at once: importing wandb and waiting on its
+    service process took 0.5 s of the start of a run, which the main thread now spends building the
+    model and the pipelines. Everything here that reaches W&B first waits for it (`trackers_ready`)."""
+    global _starting
+    if _starting is not None:  # an earlier run of this process that stopped before it logged
+        _starting.join()
     mode = wandb_mode()
-    accelerator.init_trackers(
-        project,
-        config=config,
-        init_kwargs={
-            "wandb": {
-                "name": run_name,
-                "id": run_id,  # the same id on resume: the W&B run continues instead of forking
-                "resume": "allow",
-                "dir": str(run_dir),
-                "mode": mode,
-            }
-        },
-    )
+    init_kwargs = {
+        "wandb": {
+            "name": run_name,
+            "id": run_id,  # the same id on resume: the W&B run continues instead of forking
+            "resume": "allow",
+            "dir": str(run_dir),
+            "mode": mode,
+        }
+    }
+    _starting = _TrackerStart(lambda: accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs))
+    _starting.start()
+
+
+def trackers_ready() -> None:
+    """Wait for `start_trackers`' thread, and raise its error here: accelerate's log skips trackers that
+    do not exist yet, so nothing may log (or end the run) before this."""
+    global _starting
+    start, _starting = _starting, None
+    if start is not None:
+        start.join()
+        if start.error is not None:
+            raise start.error
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -87,13 +127,14 @@ class RunLog:
         self.steps_path = Path(run_dir) / STEPS
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
-        self.curves_drawn_at = -math.inf  # time.monotonic() of the last curves.png, for the whole run
+        self.curves = CurvesRedraw(run_dir)  # curves.png, on a thread of its own
 
     def epoch(self, record: dict[str, Any], epochs: int) -> None:
         """An epoch's record (of `epochs` in its phase): a line of history.jsonl, W&B scalars, a console line."""
         if self.enabled:
             _append_jsonl(self.history_path, record)
         scalars = {name: record[key] for key, names in EPOCH_SCALARS.items() if record.get(key) is not None for name in names}
+        trackers_ready()
         self.accelerator.log({**scalars, "epoch": record["epoch"] + 1}, step=record["total_step"])
         ema = f"  ema_val_top1 {record['ema_val_top1']:.4f}" if record.get("ema_val_top1") is not None else ""
         train_top1 = f"  train_top1 {record['train_top1']:.4f}" if record.get("train_top1") is not None else ""
@@ -108,6 +149,7 @@ class RunLog:
         if self.enabled:
             _append_jsonl(self.steps_path, record)
         if "loss" in record:
+            trackers_ready()
             self.accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"], "epoch": epoch_progress}, step=record["total_step"])
 
     def history(self) -> list[dict[str, Any]]:
@@ -156,6 +198,7 @@ def log_phase_eval(accelerator, record: dict[str, Any], predictions: list[dict[s
         return
     import wandb
 
+    trackers_ready()
     run = accelerator.get_tracker("wandb", unwrap=True)
     phase, classes = record["phase"], record["classes"]
     prefix = f"eval/{phase}"
@@ -193,6 +236,7 @@ def log_test_scores(accelerator, section: dict[str, Any]) -> None:
     scored once, they are a figure of the run, not a point of its history. recall_macro is the balanced
     accuracy."""
     if accelerator.is_main_process:
+        trackers_ready()
         run = accelerator.get_tracker("wandb", unwrap=True)
         run.summary.update({f"test/{key}": section[key] for key in TEST_SUMMARY_KEYS} | {"test/source": section["source"]})
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from accelerate import Accelerator
 from pages import PageParser, cli, png_size
 from sklearn.metrics import precision_recall_fscore_support
 
-from trainer.curves import CURVES, CURVES_SIZE_PX, draw_curves, epoch_positions, redraw_curves
+from trainer.curves import CURVES, CURVES_SIZE_PX, CurvesRedraw, draw_curves, epoch_positions, redraw_curves
 from trainer.metrics import confusion_scores, evaluate, most_confused
 from trainer.report import (
     GALLERY_CLASSES_MAX,
@@ -77,6 +78,38 @@ def test_curves_count_epochs_across_phases(tmp_path):
     assert x.tolist() == [1, 2, 3, 4]
     assert png_size(draw_curves(tmp_path)) == CURVES_SIZE_PX
     assert draw_curves(tmp_path / "empty-run") is None  # nothing to draw before the first epoch
+
+
+def _epoch(e: int) -> dict:
+    return {"phase_index": 0, "phase": "main", "epoch": e, "train_loss": 2.0 - 0.1 * e, "val_loss": 2.1 - 0.1 * e,
+            "val_top1": 0.1 * e, "val_top5": 0.3 + 0.1 * e, "ema_val_top1": None, "lr": 1e-3, "total_step": 10 * (e + 1)}
+
+
+def test_curves_redraw_on_a_thread_writes_the_latest_history(tmp_path):
+    # What the loop does at epoch ends: start a redraw and go on; before the run returns, wait. A redraw
+    # started while the previous one still draws waits for it, so the file ends up with the newest epochs.
+    (tmp_path / HISTORY).write_text("".join(json.dumps(_epoch(e)) + "\n" for e in range(3)))
+    curves = CurvesRedraw(tmp_path)
+    assert curves.due(30.0)
+    curves.start()
+    assert not curves.due(30.0) and curves.due(0.0)
+    with open(tmp_path / HISTORY, "a") as f:
+        f.write(json.dumps(_epoch(3)) + "\n")
+    curves.start()
+    curves.wait()
+    assert png_size(tmp_path / CURVES) == CURVES_SIZE_PX
+    # The same pixels as drawing the 4-epoch history directly (the Agg canvas is deterministic).
+    assert (tmp_path / CURVES).read_bytes() == draw_curves(tmp_path, tmp_path / "direct.png").read_bytes()
+    assert [t.name for t in threading.enumerate() if t.name == "curves.png"] == []
+
+
+def test_a_plotting_error_on_the_thread_is_printed_not_raised(tmp_path, capsys):
+    (tmp_path / HISTORY).write_text(json.dumps({"phase_index": 0, "phase": "main", "epoch": 0, "val_top1": "not a number"}) + "\n")
+    curves = CurvesRedraw(tmp_path)
+    curves.start()
+    curves.wait()  # must not raise either
+    assert "warning: could not draw" in capsys.readouterr().err
+    assert not (tmp_path / CURVES).exists()
 
 
 def test_a_plotting_error_never_stops_training(tmp_path, capsys):
