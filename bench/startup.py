@@ -21,8 +21,10 @@ both cores): first start 274.4 s (its check 168.4 s), second start 79.6 s (its c
 cold 213.4 s (check 76.3 s), fixed cost 65.3 s; extrapolated to 1.28 M files 1,359 s cold, 154 s warm.
 startup_warm_vs_cold 0.290 (a second run: 158.0 / 56.1 / 167.8 s, 0.355): target missed; most of the warm start is importing torch, timm and DALI
 (docs/benchmarks.md, "Start-up"). About 12 minutes at that load, plus ~35 s to build the tree once.
-Latest, 2026-12-04 late evening, quiet and about 3x faster: 14.9 / 4.7 / 12.4 s, fixed cost 3.1 s,
-extrapolated 76 s cold and 13 s warm; startup_warm_vs_cold 0.317 (target missed). About 1 minute.
+2026-12-04 late evening, quiet and about 3x faster: 14.9 / 4.7 / 12.4 s, fixed cost 3.1 s,
+extrapolated 76 s cold and 13 s warm; startup_warm_vs_cold 0.317 (target missed). Latest, 2026-12-05
+after midnight, quiet: 12.5 / 4.2 / 10.7 s, fixed cost 3.0 s, extrapolated 62 s and 10 s;
+startup_warm_vs_cold 0.333 (target missed). About 1 minute.
 
 The last line is `startup_warm_vs_cold: <second start / first start>` (target <= 0.1).
 """
