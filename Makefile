@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-# One process needs no launcher: a recipe file runs as a script (`accelerate launch` adds 4.7 s, its process importing
+# One process needs no launcher: a recipe file runs as a script (`accelerate launch` adds 4 s, its process importing
 # torch and timm before it starts the script; see bench/overhead.py). Several processes: README, "Launching".
 demo: $(VENV)/.installed
 	$(BIN)/python recipes/quickstart.py
