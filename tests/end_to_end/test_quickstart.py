@@ -1,4 +1,5 @@
-"""The README's main job, exactly as `make demo` runs it: the quickstart reaches >= 95% val top-1."""
+"""The README's main job, exactly as `make demo` runs it: the quickstart reaches >= 95% val top-1. And the README's
+launch commands with accelerate_config.yaml (`accelerate-launch`, `accelerate launch`) run it as one process."""
 
 from __future__ import annotations
 
