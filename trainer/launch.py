@@ -117,10 +117,7 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> Path:
         gc.freeze()
     try:
         recipe = resolve_recipe(recipe, args.set, args.data)
-        run_path = train(recipe, run_dir=args.run_dir, resume=args.resume)
-        if argv is None:
-            gc.freeze()  # and what the run built: the exit's sweep skips it too
-        return run_path
+        return train(recipe, run_dir=args.run_dir, resume=args.resume)
     except (RecipeError, DataError) as err:
         # Stops before any work: a clear line and exit status 2, no traceback.
         print(f"error: {err}", file=sys.stderr)
@@ -143,6 +140,9 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> Path:
         print(f"error: cannot write {where}: {err.strerror}; {free_space(Path(where).parent)}. "
               "Free some space (or make the folder writable) and continue with --resume auto", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_STORAGE) from None
+    finally:
+        if argv is None:
+            gc.freeze()  # and what the run built, on every way out: the exit's sweep skips it too
 
 
 # How long a process waits in a collective (all-reduce, barrier) for the others before it fails. A dead
