@@ -116,20 +116,24 @@ def main() -> None:
     split_file.write_text(json.dumps({"root": str(root), "train": list(train.files), "val": list(val.files)}))
 
     bin_dir = Path(sys.executable).parent
-    times: dict[str, list[float]] = {"ours": [], "ours through accelerate-launch": [], "ours through accelerate's CLI": [], "plain": []}
+    config = ["--config_file", "accelerate_config.yaml"]
+    launchers = {  # how each command starts the quickstart; None: the plain script
+        "ours": [sys.executable],
+        "ours through accelerate-launch": [str(bin_dir / "accelerate-launch"), *config],
+        "ours through accelerate's CLI": [str(bin_dir / "accelerate"), "launch", *config],
+        "plain": None,
+    }
+    sets = ["--set", f"phases.0.epochs={args.epochs}", "--set", "phases.0.warmup_epochs=0"]
+    plain_cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(split_file), "--epochs", str(args.epochs)]
+    times: dict[str, list[float]] = {name: [] for name in launchers}
     for round_index in range(args.rounds):
-        sets = ["--run-dir", str(work / f"run-{round_index}-{{}}"), "--set", f"phases.0.epochs={args.epochs}", "--set", "phases.0.warmup_epochs=0"]
-        config = ["--config_file", "accelerate_config.yaml"]
-        commands = {
-            "ours": [sys.executable, "recipes/quickstart.py", *sets],
-            "ours through accelerate-launch": [str(bin_dir / "accelerate-launch"), *config, "recipes/quickstart.py", *sets],
-            "ours through accelerate's CLI": [str(bin_dir / "accelerate"), "launch", *config, "recipes/quickstart.py", *sets],
-            "plain": [sys.executable, str(Path(__file__).resolve()), "--plain", str(split_file), "--epochs", str(args.epochs)],
-        }
-        order = list(commands) if round_index % 2 == 0 else list(commands)[::-1]
+        order = list(launchers) if round_index % 2 == 0 else list(launchers)[::-1]
         for n, name in enumerate(order):
+            launcher = launchers[name]
+            run_dir = work / f"run-{round_index}-{n}"
+            cmd = plain_cmd if launcher is None else [*launcher, "recipes/quickstart.py", "--run-dir", str(run_dir), *sets]
             print(f"round {round_index} {name}:", flush=True)
-            times[name].append(timed([part.replace("{}", str(n)) for part in commands[name]], env))
+            times[name].append(timed(cmd, env))
     medians = {name: statistics.median(seconds) for name, seconds in times.items()}
     for name, seconds in times.items():
         print(f"{name}: {' '.join(f'{t:.1f}' for t in seconds)} s (median {medians[name]:.1f})")

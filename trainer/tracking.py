@@ -9,8 +9,7 @@ import importlib.util
 import json
 import netrc
 import os
-import threading
-from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +36,15 @@ def wandb_mode() -> str:
     return "online" if wandb_credentials_present() else "offline"
 
 
-class _TrackerStart(threading.Thread):
-    """accelerate's init_trackers (wandb.init) on a thread of its own; its error is kept for trackers_ready."""
-
-    def __init__(self, start: Callable[[], None]) -> None:
-        super().__init__(name="wandb start", daemon=False)
-        self.start_trackers, self.error = start, None
-
-    def run(self) -> None:
-        try:
-            self.start_trackers()
-            # wandb imports pandas, when it is installed, at the first value logged (to ask whether it is a
-            # DataFrame): 0.15 s that the main thread would pay at its first logged step.
-            if importlib.util.find_spec("pandas") is not None:
-                importlib.import_module("pandas")
-        except BaseException as err:  # noqa: BLE001 - raised again by trackers_ready, in the thread that logs
-            self.error = err
+def _start_wandb(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
+    accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+    # wandb imports pandas, when it is installed, at the first value logged (to ask whether it is a
+    # DataFrame): 0.15 s that the main thread would pay at its first logged step.
+    if importlib.util.find_spec("pandas") is not None:
+        importlib.import_module("pandas")
 
 
-_starting: _TrackerStart | None = None  # this process's W&B start still under way, if any
+_starting: Future | None = None  # this process's W&B start still under way, if any
 
 
 def start_trackers(accelerator, *, project: str, run_name: str, run_id: str, run_dir: Path, config: dict) -> None:
@@ -64,19 +53,19 @@ def start_trackers(accelerator, *, project: str, run_name: str, run_id: str, run
     model and the pipelines. Everything here that reaches W&B first waits for it (`trackers_ready`)."""
     global _starting
     if _starting is not None:  # an earlier run of this process that stopped before it logged
-        _starting.join()
-    mode = wandb_mode()
+        _starting.exception()  # waits; that run's error was its own
     init_kwargs = {
         "wandb": {
             "name": run_name,
             "id": run_id,  # the same id on resume: the W&B run continues instead of forking
             "resume": "allow",
             "dir": str(run_dir),
-            "mode": mode,
+            "mode": wandb_mode(),
         }
     }
-    _starting = _TrackerStart(lambda: accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs))
-    _starting.start()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wandb-start")
+    _starting = pool.submit(_start_wandb, accelerator, project, config, init_kwargs)
+    pool.shutdown(wait=False)  # the one task still runs to its end; the interpreter's exit waits for it
 
 
 def trackers_ready() -> None:
@@ -85,9 +74,7 @@ def trackers_ready() -> None:
     global _starting
     start, _starting = _starting, None
     if start is not None:
-        start.join()
-        if start.error is not None:
-            raise start.error
+        start.result()
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
