@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -347,12 +347,18 @@ def draw_columns(aug: TrainAugment) -> dict[str, int]:
 def augment_draws(num_samples: int, *, seed: int, epoch: int, aug: TrainAugment) -> np.ndarray:
     """Every sample's uniforms for `epoch` as the train graph reads them: crop and flip, then each optional
     augmentation switched on (`draw_columns`), then the crop's further tries."""
+    return np.concatenate(augment_draw_tables(num_samples, seed=seed, epoch=epoch, aug=aug), axis=1)
+
+
+def augment_draw_tables(num_samples: int, *, seed: int, epoch: int, aug: TrainAugment) -> list[np.ndarray]:
+    """`augment_draws`'s column groups, one table each, not joined: the train feed gathers a block's rows
+    from each (joining and reordering the whole epoch's tables was 0.25 s of ImageNet's first batch)."""
     tables = [order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=_DRAWS)]
     for _, count, stream in _optional_draws(aug):
         tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=count, stream=stream))
     # Last, so the columns above keep their places whatever is switched on.
     tables.append(order.augment_uniforms(num_samples, seed=seed, epoch=epoch, count=2 * (_CROP_ATTEMPTS - 1), stream=_CROP_STREAM))
-    return np.concatenate(tables, axis=1)
+    return tables
 
 
 def crop_windows(draws: np.ndarray, height: np.ndarray, width: np.ndarray, aug: TrainAugment) -> np.ndarray:
@@ -760,15 +766,35 @@ def _to_nchw(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _EpochTables:
-    """One epoch's feed for one rank, row i = the i-th sample it trains on; a batch is a slice of rows."""
+    """One epoch's feed for one rank, row i = the i-th sample it trains on; a batch is a slice of rows.
+
+    The order, the stand-ins and the draws are made for the whole epoch at once; the rows' draws, crop
+    windows and paths, the bulk of the work (1.5 s for ImageNet's 1.28 M rows here), block by block as
+    the feed reaches them (`TrainLoader._block`): row-wise functions, so a block is the rows the whole would have,
+    and the first batch does not wait for the epoch's last."""
 
     key: tuple[int, int]  # (epoch, number of samples marked bad when built)
     indices: np.ndarray  # the samples in order
     fed: np.ndarray  # the samples decoded: `indices`, with the stand-in in place of a bad sample
-    # float32 (N, 8 + draws): label, length of the path in `paths`; output (height, width); crop window,
-    # (x0, y0, w, h) for "roi" and (y0, x0, y1, x1) for "full"; the augmentation draws
-    floats: np.ndarray
-    paths: np.ndarray | None  # uint8 (N, longest path): each file's UTF-8 path, NUL-padded; None for in-memory sources
+    draws: list[np.ndarray]  # `augment_draw_tables`: float32 (samples, columns) each, in sample order
+    draw_rows: np.ndarray  # the row of the draws each position takes: its sample's (or, "sampler", its draw's)
+    heights: np.ndarray  # the stored size of each row's decoded sample
+    widths: np.ndarray
+    res_px: float  # the epoch's output side
+    # Feed blocks made so far, {block: (floats, paths)}: the newest few (`TrainLoader._block`).
+    blocks: dict = field(default_factory=dict)
+
+
+def _path_matrix(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each file's UTF-8 path as a row of one NUL-padded uint8 array, and their lengths."""
+    encoded = [f.encode() for f in files]
+    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    matrix = np.zeros((len(encoded), int(lengths.max(initial=1))), dtype=np.uint8)
+    matrix[np.arange(matrix.shape[1]) < lengths[:, None]] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return matrix, lengths
+
+
+FEED_BLOCK_ROWS = 16384  # the feed's array work is ~1 us a row: ~16 ms once per 16,384 samples, on the training thread
 
 
 class TrainLoader(DecodingStream):
@@ -778,9 +804,10 @@ class TrainLoader(DecodingStream):
     so it changes at an epoch boundary without rebuilding the pipeline.
 
     The feed runs on the training thread (inside `next()`), so it does no per-sample work: an epoch's
-    order, draws, labels and crop windows are computed at once as arrays (the windows from the sizes
-    the check before training read, `source.sizes`), and each batch hands DALI slices of them, plus
-    the files' paths for DALI to read in its own threads (the bytes, for an in-memory source).
+    order and draws are computed at once as arrays, its labels, crop windows (from the sizes the check
+    before training read, `source.sizes`) and paths as arrays of FEED_BLOCK_ROWS rows at a time, and
+    each batch hands DALI slices of them, for DALI to read the files in its own threads (the bytes,
+    for an in-memory source).
     `decode_mode` is "roi" (decode only the crop), "full" (decode all, then crop and resize in one op)
     or "auto" (`preflight_decode`); `prefetch_depth` is DALI's queue of batches prepared ahead.
     """
@@ -838,7 +865,8 @@ class TrainLoader(DecodingStream):
         self.guard = SampleGuard(source, "training", rank, device=self.decode_device, device_id=self.device_id, sizes=self._sizes)
         self.decode_mode = resolve_decode_mode(decode_mode, source, self.decode_device, self.device_id, self._sizes)
         self._last_fed = -1  # flat position (epoch * batches_per_epoch + batch) of the newest batch fed
-        self._paths: tuple[np.ndarray, np.ndarray] | None = None  # `_path_matrix`
+        # Rows of a feed block (`_block`): whole batches, about FEED_BLOCK_ROWS.
+        self._block_rows = batch_size * max(1, FEED_BLOCK_ROWS // batch_size)
 
     # -- position, for checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -904,7 +932,7 @@ class TrainLoader(DecodingStream):
             indices, draw_rows = order.balanced_train_order(self.source.labels, **placing)
         else:
             indices = draw_rows = order.train_order(len(self.source), **placing)
-        draws = augment_draws(len(self.source), seed=self.seed, epoch=epoch, aug=self.augment)[draw_rows]
+        draws = augment_draw_tables(len(self.source), seed=self.seed, epoch=epoch, aug=self.augment)
         fed = indices.copy()  # the sample each position decodes: a bad sample's stand-in, with the bad sample's draws
         heights, widths = sizes[indices, 0], sizes[indices, 1]
         if stand_in is not None:
@@ -912,34 +940,31 @@ class TrainLoader(DecodingStream):
             fed[bad] = stand_in[0]
             heights = np.where(bad, stand_in[2].height, heights)
             widths = np.where(bad, stand_in[2].width, widths)
-        windows = crop_windows(draws, heights, widths, self.augment)
-        if self.decode_mode == "full":
-            # fn.resize's ROI, (y0, x0) to (y1, x1), on the pixels image_slice would cut: it rounds the
-            # window's start and end to whole pixels (measured on DALI 2.4), so both modes resize one crop.
-            x0, y0, w, h = windows.astype(np.float64).T
-            windows = np.floor(np.stack([y0, x0, y0 + h, x0 + w], axis=1) + 0.5)
-        res_px = float(self.res_px_for_epoch(epoch))
-        paths, lengths = self._path_matrix() if self.read_files else (None, np.zeros(len(self.source), np.int64))
-        ints = np.stack([self.source.labels[fed], lengths[fed]], axis=1)
-        floats = np.concatenate([ints, np.full((len(indices), 2), res_px), windows, draws], axis=1, dtype=np.float32)
-        self._tables = _EpochTables(
-            key=key,
-            indices=indices,
-            fed=fed,
-            floats=floats,
-            paths=None if paths is None else paths[fed],
-        )
+        self._tables = _EpochTables(key, indices, fed, draws, draw_rows, heights, widths, float(self.res_px_for_epoch(epoch)))
         return self._tables
 
-    def _path_matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every file's UTF-8 path as a row of one NUL-padded uint8 array, and their lengths: made once."""
-        if self._paths is None:
-            encoded = [f.encode() for f in self.source.files]
-            lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-            matrix = np.zeros((len(encoded), int(lengths.max(initial=1))), dtype=np.uint8)
-            matrix[np.arange(matrix.shape[1]) < lengths[:, None]] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-            self._paths = (matrix, lengths)
-        return self._paths
+    def _block(self, tables: _EpochTables, block: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows [block * FEED_BLOCK_ROWS, ...) of the epoch's feed: float32 (n, 8 + draws) (label, length
+        of the path; output (height, width); crop window, (x0, y0, w, h) for "roi" and (y0, x0, y1, x1)
+        for "full"; the draws) and uint8 (n, longest path) (each file's UTF-8 path, NUL-padded; None for
+        in-memory sources)."""
+        if block not in tables.blocks:
+            rows = slice(block * self._block_rows, (block + 1) * self._block_rows)
+            fed, draw_rows = tables.fed[rows], tables.draw_rows[rows]
+            draws = np.concatenate([table[draw_rows] for table in tables.draws], axis=1)
+            windows = crop_windows(draws, tables.heights[rows], tables.widths[rows], self.augment)
+            if self.decode_mode == "full":
+                # fn.resize's ROI, (y0, x0) to (y1, x1), on the pixels image_slice would cut: it rounds the
+                # window's start and end to whole pixels (measured on DALI 2.4), so both modes resize one crop.
+                x0, y0, w, h = windows.astype(np.float64).T
+                windows = np.floor(np.stack([y0, x0, y0 + h, x0 + w], axis=1) + 0.5)
+            paths, lengths = _path_matrix([self.source.files[i] for i in fed.tolist()]) if self.read_files else (None, np.zeros(len(fed), np.int64))
+            ints = np.stack([self.source.labels[fed], lengths], axis=1)
+            floats = np.concatenate([ints, np.full((len(fed), 2), tables.res_px), windows, draws], axis=1, dtype=np.float32)
+            while len(tables.blocks) >= 2:  # the feed moves forward: the block before the current one at most
+                del tables.blocks[min(tables.blocks)]
+            tables.blocks[block] = (floats, paths)
+        return tables.blocks[block]
 
     def _position(self, iteration: int) -> tuple[int, int]:
         flat = self._start[0] * self.batches_per_epoch + self._start[1] + iteration
@@ -948,17 +973,19 @@ class TrainLoader(DecodingStream):
     def _feed(self, info):
         epoch, batch = self._position(info.iteration)
         self._last_fed = max(self._last_fed, epoch * self.batches_per_epoch + batch)
-        rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+        block, first = divmod(batch * self.batch_size, self._block_rows)
+        rows = slice(first, first + self.batch_size)
         while True:
             tables = self._epoch_tables(epoch)
+            floats, paths = self._block(tables, block)
             if self.read_files:
-                encoded = tables.paths[rows]
+                encoded = paths[rows]
                 break
-            encoded = [self.guard.read_bytes(i) for i in tables.fed[rows].tolist()]
+            encoded = [self.guard.read_bytes(i) for i in tables.fed[block * self._block_rows :][rows].tolist()]
             if all(e is not None for e in encoded):
                 break
             # A row that cannot be read now (marked bad by read_bytes): the tables put its stand-in in.
-        return encoded, tables.floats[rows]
+        return encoded, floats[rows]
 
     # -- what DecodingStream needs to recover from a decode error -------------------------------
     def _next_flat(self) -> int:

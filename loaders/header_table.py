@@ -4,8 +4,10 @@ processes of a run.
 
 Checking every file of ImageNet (1.28 M files, `loaders.headers`: the first 16 KiB and last 1 KiB of
 each) takes minutes. With the cache, a start on a tree seen before reads no file, only `stat`s each
-one, and re-checks the new and changed ones; with N processes each one stats and checks 1/N of the
-files and the results are exchanged, so every process ends with the same table.
+one, and re-checks the new and changed ones; with N processes each one checks 1/N of the files and the
+results are exchanged, so every process ends with the same table. The stats come from the survey of
+the tree made while the run imported torch (`loaders.survey`), or, without one, each process stats its
+share here.
 
 The cache is one file per dataset root outside the dataset (datasets are often read-only mounts):
 `<IMGCLS_CACHE>/headers/<hash of the root's absolute path>.npz`, or in the folder that
@@ -33,6 +35,7 @@ import loaders.headers
 from loaders.digits import cache_root
 from loaders.headers import HUGE_PIXELS, TINY_SIDE_PX, BadFile, Header, file_headers
 from loaders.sources import DataError
+from loaders.survey import file_stats
 
 FORMATS = ("jpeg", "png", "bmp", "webp")
 MODES = ("", "greyscale", "cmyk", "16-bit", "palette", "alpha")
@@ -108,9 +111,9 @@ class HeaderTable:
             bad.update({start + row: found for row, found in table.bad.items()})
             start += len(table)
         return cls(
-            np.concatenate([t.sizes for t in tables]).reshape(-1, 2).astype(np.int64),
-            np.concatenate([t.formats for t in tables]).astype(np.uint8),
-            np.concatenate([t.modes for t in tables]).astype(np.uint8),
+            np.concatenate([t.sizes for t in tables]).reshape(-1, 2).astype(np.int64, copy=False),
+            np.concatenate([t.formats for t in tables]).astype(np.uint8, copy=False),
+            np.concatenate([t.modes for t in tables]).astype(np.uint8, copy=False),
             bad,
         )
 
@@ -217,10 +220,11 @@ def load_cache(path: Path | None, root: str | os.PathLike) -> Cached | None:
         keys = arrays["keys"].tobytes()
         bad_rows, bad_text = arrays["bad_rows"].astype(np.int64), _split(arrays["bad_text"].tobytes())
         table = HeaderTable(
-            arrays["sizes"].astype(np.int64).reshape(-1, 2), arrays["formats"].astype(np.uint8), arrays["modes"].astype(np.uint8),
+            arrays["sizes"].astype(np.int64).reshape(-1, 2), arrays["formats"].astype(np.uint8, copy=False),
+            arrays["modes"].astype(np.uint8, copy=False),
             {int(row): (bad_text[2 * i], bad_text[2 * i + 1]) for i, row in enumerate(bad_rows)},
         )
-        cached = Cached(keys, arrays["file_bytes"].astype(np.int64), arrays["mtimes_ns"].astype(np.int64), table)
+        cached = Cached(keys, arrays["file_bytes"].astype(np.int64, copy=False), arrays["mtimes_ns"].astype(np.int64, copy=False), table)
         count = keys.count(b"\0") + 1 if keys else 0
         if not (count == len(cached.file_bytes) == len(cached.mtimes_ns) == len(table)) or len(bad_text) != 2 * len(bad_rows):
             return None
@@ -287,18 +291,6 @@ def _remove_stale_temporaries(folder: Path, older_than_s: float = 3600.0) -> Non
 # -- the check ------------------------------------------------------------------------------------
 
 
-def file_stats(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(st_size, st_mtime_ns) of each path as int64 arrays; (-1, -1) for one that cannot be stat'ed."""
-    file_bytes, mtimes_ns = np.empty(len(paths), np.int64), np.empty(len(paths), np.int64)
-    for i, path in enumerate(paths):
-        try:
-            stat = os.stat(path)
-            file_bytes[i], mtimes_ns[i] = stat.st_size, stat.st_mtime_ns
-        except OSError:
-            file_bytes[i] = mtimes_ns[i] = -1
-    return file_bytes, mtimes_ns
-
-
 @dataclass(frozen=True)
 class CheckReport:
     """What a check of many files did: for the run's console line."""
@@ -316,11 +308,14 @@ class CheckReport:
 
 
 def check_files(
-    paths: Sequence[str], root: str | os.PathLike, processes: Processes = ALONE, cache: Path | None = None, threads: int = 4
+    paths: Sequence[str], root: str | os.PathLike, processes: Processes = ALONE, cache: Path | None = None, threads: int = 4,
+    stats: np.ndarray | None = None,
 ) -> tuple[HeaderTable, CheckReport]:
     """The structural check of every path (all under `root`), as `file_headers` would give it: files
     whose (path, size, mtime) the cache holds are not read; each process stats and checks its share;
-    every process returns the same table. The main process rewrites the cache when anything changed."""
+    every process returns the same table. The main process rewrites the cache when anything changed.
+    `stats`: int64 (N, 2) (st_size, st_mtime_ns) of the paths, taken when they were listed
+    (`loaders.survey`); without them each process stats its share here."""
     start_s = time.perf_counter()
     keys = relative_keys(paths, root)
     cached = load_cache(cache, root)
@@ -328,7 +323,10 @@ def check_files(
     lo, hi = share(len(paths), processes)
 
     def look_up() -> tuple:
-        file_bytes, mtimes_ns = file_stats(paths[lo:hi])
+        if stats is not None:
+            file_bytes, mtimes_ns = stats[lo:hi, 0], stats[lo:hi, 1]
+        else:
+            file_bytes, mtimes_ns = file_stats(paths[lo:hi])
         table, hit = HeaderTable.blank(hi - lo), np.zeros(hi - lo, bool)
         if cached is not None:
             if aligned:

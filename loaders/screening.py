@@ -114,7 +114,9 @@ def check_sources(sources: list, root, processes: Processes = ALONE) -> tuple[li
     folders = [s for s in sources if isinstance(s, ImageFolderSource)]
     note = ""
     if folders:
-        table, report = check_files([f for s in folders for f in s.files], root, processes, cache_file(root))
+        surveyed = all(s.file_stats is not None for s in folders)
+        stats = np.concatenate([s.file_stats for s in folders]) if surveyed else None
+        table, report = check_files([f for s in folders for f in s.files], root, processes, cache_file(root), stats=stats)
         note = report.line()
     tables, start = [], 0
     for source in sources:

@@ -16,6 +16,7 @@ from loaders.hf import PREFIX as HF_PREFIX
 from loaders.hf import HFDatasetSource, hf_sources
 from loaders.screening import check_sources, screen_splits, screen_test, screening_lines, screening_record
 from loaders.sources import ImageFolderSource, image_folder_sources, stratified_split
+from loaders.survey import Survey
 from trainer.atomic import write_text_atomic
 from trainer.recipe import Recipe, RecipeError
 from trainer.run_folder import BAD_FILES, SUBSET_FILE, read_json
@@ -33,21 +34,27 @@ class Splits:
     check_note: str = ""  # what the structure check read and took from its cache, for the console
 
 
-def load_splits(recipe: Recipe) -> Splits:
-    """The recipe's train and val sources (an ImageFolder, `builtin:digits` or `hf:...`), screened."""
+def load_splits(recipe: Recipe, survey: Survey | None = None) -> Splits:
+    """The recipe's train and val sources (an ImageFolder, `builtin:digits` or `hf:...`), screened.
+    `survey`: the folder's listing and stats, started earlier in child processes (`loaders.survey`)."""
     if not recipe.data.path:
         raise RecipeError("no data: pass --data PATH (an ImageFolder) or set data.path in the recipe")
-    root = None
+    root = listing = None
     if recipe.data.path.startswith(HF_PREFIX):
         train_src, val_src, test_src = hf_sources(recipe.data.path, recipe.data.val_fraction, recipe.data.test_fraction, recipe.seed)
     else:
         root = resolve_data_path(recipe.data.path)
-        train_src, val_src, test_src = image_folder_sources(root, recipe.data.val_fraction, recipe.data.test_fraction, recipe.seed)
+        listing = survey.result() if survey is not None and survey.root == root else None
+        train_src, val_src, test_src = image_folder_sources(
+            root, recipe.data.val_fraction, recipe.data.test_fraction, recipe.seed, listing=listing
+        )
     # Files the decoder would fail on are found here, by a header check (no decode): each process checks
     # its share of the files the header cache does not hold and all get every result, so all ranks and
     # every resume skip the same files (a function of the files' bytes).
     sources = [train_src, val_src] + ([test_src] if test_src is not None else [])
     tables, note = check_sources(sources, root, run_processes())
+    if listing is not None and all(getattr(s, "file_stats", None) is not None for s in sources):
+        note += f"; listed and stat'ed beside the imports ({listing.files:,} files in {listing.seconds:.1f} s)"
     train_src, val_src = screen_splits(train_src, val_src, recipe.data.bad_files, tables[:2])
     test_src = screen_test(test_src, recipe.data.bad_files, tables[2]) if test_src is not None else None
     return Splits(train=train_src, val=val_src, test=test_src, check_note=note)

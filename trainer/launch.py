@@ -3,7 +3,6 @@ the Accelerator and trains the phases in order, fresh or resumed."""
 
 from __future__ import annotations
 
-import argparse
 import errno
 import gc
 import hashlib
@@ -24,8 +23,10 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gath
 
 from loaders.dali import dali_device_id, preflight_decode, resolve_decode_device
 from loaders.sources import DataError, imbalance_hint, label_balance
+from loaders.survey import Survey
 from trainer.atomic import remove_leftovers, write_text_atomic
 from trainer.checkpoint import Resumable, StorageError, TrainState, free_space
+from trainer.command_line import parse_args
 from trainer.data import Splits, data_checksum, load_splits, phase_splits, report_bad_files
 from trainer.holdout import score_test
 from trainer.hub import push_in_background
@@ -53,22 +54,6 @@ EXIT_DIVERGED = 3  # max_nonfinite_steps non-finite losses in a row; the last go
 EXIT_STORAGE = 4  # a checkpoint or log could not be written; the previous checkpoint is intact
 # 130 (SIGINT) and 143 (SIGTERM): preempted; a checkpoint of the step reached was written
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Train the recipe in this file.",
-        epilog="Example: accelerate launch recipes/quickstart.py --set phases.0.epochs=2",
-    )
-    parser.add_argument("--data", help="dataset folder (overrides data.path)")
-    parser.add_argument("--run-dir", help="run folder (default: <runs_root>/<name>-<timestamp>)")
-    parser.add_argument(
-        "--resume",
-        help='"auto": continue the newest complete checkpoint of --run-dir (or of the newest run of this '
-        "recipe); or a run folder or checkpoint folder",
-    )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. phases.0.epochs=2 (repeatable)")
-    return parser.parse_args(argv)
 
 
 def git_commit(where: Path) -> dict[str, object]:
@@ -107,8 +92,9 @@ def _find_run_dir(recipe: Recipe, run_dir: str | None, resume: str | None) -> tu
     return path, newest_checkpoint(path) if resume == "auto" else None
 
 
-def run(recipe: Recipe, argv: list[str] | None = None) -> Path:
-    """Train `recipe` with the command line's overrides; returns the run folder."""
+def run(recipe: Recipe, argv: list[str] | None = None, survey: Survey | None = None) -> Path:
+    """Train `recipe` with the command line's overrides; returns the run folder. `survey`: the dataset's
+    listing, started before the imports (`trainer.run`)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if argv is None:  # the process's own command line: it ends when this returns
         # What the imports built (torch, timm, DALI: about 440,000 objects) lives as long as the process.
@@ -117,7 +103,7 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> Path:
         gc.freeze()
     try:
         recipe = resolve_recipe(recipe, args.set, args.data)
-        return train(recipe, run_dir=args.run_dir, resume=args.resume)
+        return train(recipe, run_dir=args.run_dir, resume=args.resume, survey=survey)
     except (RecipeError, DataError) as err:
         # Stops before any work: a clear line and exit status 2, no traceback.
         print(f"error: {err}", file=sys.stderr)
@@ -169,13 +155,13 @@ def create_accelerator(log_with: str | None = None) -> Accelerator:
     return accelerator
 
 
-def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None) -> Path:
+def train(recipe: Recipe, run_dir: str | None = None, resume: str | None = None, survey: Survey | None = None) -> Path:
     """Train `recipe` in a new run folder, or continue one (`resume`: "auto", a run folder or a
-    checkpoint); returns the run folder."""
+    checkpoint); returns the run folder. `survey`: the dataset's listing, when one was started earlier."""
     check_names(recipe)
     # The processes first: they share out the structure check of the files (trainer/data.py).
     accelerator = create_accelerator(log_with="wandb" if recipe.logging.wandb else None)
-    splits = load_splits(recipe)
+    splits = load_splits(recipe, survey)
     num_classes = len(splits.train.classes)
     # Every process must agree on the folder (timestamps differ by a second across processes).
     found = [_find_run_dir(recipe, run_dir, resume) if accelerator.is_main_process else None]

@@ -4,6 +4,7 @@ prediction tables, and the throughput summary at the end of a run."""
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import json
@@ -37,11 +38,19 @@ def wandb_mode() -> str:
 
 
 def _start_wandb(accelerator, project: str, config: dict, init_kwargs: dict) -> None:
-    accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
-    # wandb imports pandas, when it is installed, at the first value logged (to ask whether it is a
-    # DataFrame): 0.15 s that the main thread would pay at its first logged step.
-    if importlib.util.find_spec("pandas") is not None:
-        importlib.import_module("pandas")
+    # What the start imports (much of wandb, pandas) lives as long as the process, as torch's modules do
+    # (trainer.run): the collector's sweeps while it is built are skipped here too.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+        # wandb imports pandas, when it is installed, at the first value logged (to ask whether it is a
+        # DataFrame): 0.15 s that the main thread would pay at its first logged step.
+        if importlib.util.find_spec("pandas") is not None:
+            importlib.import_module("pandas")
+    finally:
+        if collecting:
+            gc.enable()
 
 
 _starting: Future | None = None  # this process's W&B start still under way, if any

@@ -25,6 +25,8 @@ def test_training_skips_bad_files_converts_the_rest_and_logs_them(bad_folder, tm
     assert record["converted"] == {"cmyk": 1, "greyscale": 1, "16-bit": 1}
     assert record["kept"] == {"huge": 1, "tiny": 1}
     assert "bad files: skipped 4 (truncated 2, zero-byte 1, not-an-image 1)" in done.stdout
+    # The files were listed and stat'ed by the survey's child processes while the run imported torch.
+    assert "listed and stat'ed beside the imports (72 files" in done.stdout
     assert str(bad_folder / "train" / CLASSES[0] / "empty.JPEG") in done.stdout
     assert "converted to RGB by the decoder: 3 files" in done.stdout
     # Bit rot surfaced in the decoder mid-epoch: replaced and logged with its path, not a crash.
@@ -47,6 +49,7 @@ def test_two_processes_train_through_bad_files(bad_folder, tmp_path, run_env):
     # Both ranks ended with the same files, labels, sizes and findings, and the main one wrote the cache.
     assert len(info["data_checksums"]) == 2 and info["data_checksums"][0] == info["data_checksums"][1]
     assert "structure check: 72 files, 72 read, 0 from the cache" in done.stdout
+    assert "listed and stat'ed beside the imports (72 files" in done.stdout  # by each process's survey
     (cache,) = (tmp_path / "headers").glob("*.npz")
     assert len(load_cache(cache, bad_folder).table) == 72
     checksums = info["phases"]["main"]["param_checksums"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
-from trainer.checkpoint import TrainState, prune
+import torch
+
+from trainer.checkpoint import TrainState, prune, torch_save_without_crc32
 from trainer.run_folder import STATE_FILE, best_checkpoint, complete_checkpoints, newest_checkpoint
 
 
@@ -42,3 +45,23 @@ def test_prune_keeps_newest_and_best_k(tmp_path):
     assert best_checkpoint(ckpts).name == "step_00000020"
     prune(ckpts, keep_best_k=0)
     assert [p.name for p in complete_checkpoints(ckpts)] == ["step_00000050"]
+
+
+def test_checkpoint_files_skip_torch_saves_crc32_which_torch_load_never_checks(tmp_path):
+    weights = {"w": torch.arange(100_000, dtype=torch.float32)}
+    # Why: a flipped byte in a file torch.save wrote with its CRCs loads without a word.
+    with_crc = tmp_path / "with_crc.bin"
+    torch.save(weights, with_crc)
+    data = bytearray(with_crc.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with_crc.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(with_crc)["w"], weights["w"])
+
+    without = tmp_path / "without.bin"
+    assert torch.serialization.get_crc32_options()
+    with torch_save_without_crc32():
+        torch.save(weights, without)
+    assert torch.serialization.get_crc32_options()  # the setting is put back
+    assert torch.equal(torch.load(without)["w"], weights["w"])
+    with zipfile.ZipFile(without) as archive:
+        assert archive.testzip() is not None  # no CRCs written: unzip's check fails, torch.load does not care

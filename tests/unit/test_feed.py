@@ -55,6 +55,25 @@ def test_feed_hands_arrays_and_never_reads_a_file(tiny_imagenet, monkeypatch):
     assert len(batches) == 3 and reads == []  # no sample read on the training thread
 
 
+@pytest.mark.parametrize("decode_mode", ["roi", "full"])
+def test_feed_blocks_hold_the_rows_of_the_whole_epoch(tiny_imagenet, monkeypatch, decode_mode):
+    """The crop windows and paths are made block by block (`FEED_BLOCK_ROWS`): with blocks of two batches,
+    every batch of two epochs is the one a single block for the whole epoch gives."""
+    train = screen(image_folder_splits(tiny_imagenet)[0], "train")
+    whole = _loader(train, decode_mode=decode_mode)
+    monkeypatch.setattr(dali, "FEED_BLOCK_ROWS", 16)
+    blocked = _loader(train, decode_mode=decode_mode)
+    assert whole._block_rows >= len(train) and blocked._block_rows == 16
+    for loader in (whole, blocked):
+        loader._start = (0, 0)
+    for iteration in range(2 * whole.batches_per_epoch):
+        (paths_a, floats_a), (paths_b, floats_b) = (loader._feed(SimpleNamespace(iteration=iteration)) for loader in (whole, blocked))
+        assert np.array_equal(floats_a, floats_b)
+        lengths = floats_a[:, 1].astype(np.int64)
+        assert [bytes(p[:n]) for p, n in zip(paths_a, lengths)] == [bytes(p[:n]) for p, n in zip(paths_b, lengths)]
+    assert len(blocked._tables.blocks) <= 2  # the blocks behind the feed are let go
+
+
 def test_resumed_loader_gives_the_pixels_of_a_fresh_one(tiny_imagenet):
     """A fresh loader on the screened source (sizes from the check) and one resumed at (epoch 1, batch 2) on
     an unscreened one (sizes read from the headers on first use) give the same batches."""
