@@ -21,7 +21,8 @@ Measured on the 2-core development machine, quiet, 2026-12-05 at 02:30: first st
 57.8 s), second start 5.2 s (its check 0.4 s, the survey of the files beside the imports 3.6 s), 2
 processes cold 34.1 s, fixed cost 3.1 s; startup_warm_vs_cold 0.082 (a second run: 64.2 / 5.2 s,
 0.081; a third, the imports without the garbage collector but the machine slower: 70.4 / 6.9 s, 2
-processes 39.6 s, fixed cost 2.5 s, 0.098): target met. About 5 minutes, plus the tree's build once. Until that day the tree had 210,000
+processes 39.6 s, fixed cost 2.5 s, 0.098; then 78.8 / 6.8 s, 0.087; with the survey's answers
+through pipes, 71.5 / 5.2 s, 2 processes 37.6 s, 0.073): target met in all five. About 5 minutes, plus the tree's build once. Until that day the tree had 210,000
 files (200 and 10 per class) and no survey: 12.5 / 4.2 s, 0.333, extrapolated to 1.28 M files 0.16.
 
 The last line is `startup_warm_vs_cold: <second start / first start>` (target <= 0.1).
