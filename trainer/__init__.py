@@ -20,7 +20,8 @@ def run(recipe: Recipe, argv: list[str] | None = None):
     # Importing torch, timm and DALI builds ~440,000 objects that live as long as the process: the
     # collector's sweeps of them while they are built were 0.8 s of the imports' 3.0 s here. A command
     # (argv None) then freezes them out of its reach before it collects again: the first collection
-    # after the imports would walk them all once more (0.27 s).
+    # after the imports would walk them all once more (0.27 s), and the later ones during the run and at
+    # exit every time.
     gc.disable()
     try:
         from trainer import launch

@@ -96,11 +96,6 @@ def run(recipe: Recipe, argv: list[str] | None = None, survey: Survey | None = N
     """Train `recipe` with the command line's overrides; returns the run folder. `survey`: the dataset's
     listing, started before the imports (`trainer.run`)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if argv is None:  # the process's own command line: it ends when this returns
-        # What the imports built (torch, timm, DALI: about 440,000 objects) lives as long as the process.
-        # Out of the collector's reach, neither its full sweeps during the run nor the interpreter's last
-        # one at exit walk it again: that was 1.9 s of a one-epoch quickstart (bench/overhead.py).
-        gc.freeze()
     try:
         recipe = resolve_recipe(recipe, args.set, args.data)
         return train(recipe, run_dir=args.run_dir, resume=args.resume, survey=survey)
@@ -127,8 +122,10 @@ def run(recipe: Recipe, argv: list[str] | None = None, survey: Survey | None = N
               "Free some space (or make the folder writable) and continue with --resume auto", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_STORAGE) from None
     finally:
-        if argv is None:
-            gc.freeze()  # and what the run built, on every way out: the exit's sweep skips it too
+        if argv is None:  # the process's own command line: it ends when this returns
+            # What the run built, on every way out, as `trainer.run` froze what the imports built: the
+            # interpreter's last sweep at exit skips it (1.5 s of a one-epoch quickstart's exit, with both).
+            gc.freeze()
 
 
 # How long a process waits in a collective (all-reduce, barrier) for the others before it fails. A dead

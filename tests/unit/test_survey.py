@@ -137,11 +137,20 @@ def test_a_recipe_starts_its_survey_only_for_a_folder(tmp_path):
     assert started.result().files == 9
 
 
+def _stopped_recipe_command(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python -c code --data TREE --run-dir A_FILE`: a recipe command on a small tree that stops, after its
+    imports and its listing, at its --run-dir, a file (exit 2, as any bad argument)."""
+    root = write_image_folder(tmp_path / "data", {"train": 2, "val": 1})
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([sys.executable, "-c", code, "--data", str(root), "--run-dir", str(tmp_path / "a-file")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    return done
+
+
 def test_a_recipe_command_starts_its_survey_before_importing_torch(tmp_path):
     """`trainer.run` starts the survey, then imports torch, timm and DALI (here the run then stops at its
     --run-dir, a file: exit 2, as any bad argument)."""
-    root = write_image_folder(tmp_path / "data", {"train": 2, "val": 1})
-    (tmp_path / "a-file").write_text("")
     code = (
         "import sys\n"
         "import loaders.survey as survey\n"
@@ -156,9 +165,7 @@ def test_a_recipe_command_starts_its_survey_before_importing_torch(tmp_path):
         "from trainer import run\n"
         "run(RECIPE, sys.argv[1:])\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, "--data", str(root), "--run-dir", str(tmp_path / "a-file")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
+    done = _stopped_recipe_command(code, tmp_path)
     assert "torch loaded at the survey start: False" in done.stdout
     assert "is a file, not a folder" in done.stderr
 
@@ -196,8 +203,6 @@ def test_a_recipe_command_imports_without_the_collector_and_freezes_the_imports(
     """Importing torch, timm and DALI runs without the garbage collector, and a command freezes what they
     built before the collector runs again: no collection walks those objects (0.8 s of a 3.0 s import,
     then 0.27 s for the first collection after it, here)."""
-    root = write_image_folder(tmp_path / "data", {"train": 2, "val": 1})
-    (tmp_path / "a-file").write_text("")
     code = (
         "import gc, json, sys\n"
         "seen = []\n"
@@ -209,9 +214,7 @@ def test_a_recipe_command_imports_without_the_collector_and_freezes_the_imports(
         "sys.argv = ['quickstart.py', *sys.argv[1:]]\n"
         "run(RECIPE)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, "--data", str(root), "--run-dir", str(tmp_path / "a-file")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
+    done = _stopped_recipe_command(code, tmp_path)
     seen = json.loads(done.stdout.split("COLLECTIONS ", 1)[1])
     after_torch = [frozen for torch_loaded, frozen in seen if torch_loaded]
     assert after_torch, "the run collects at some point"
